@@ -1,0 +1,1 @@
+"""Architecture support; x86_64 is the only one so far."""

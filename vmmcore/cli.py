@@ -1,0 +1,60 @@
+"""The `vmm` command line: a click group whose options mirror crosvm's.
+
+Every user error becomes one line on stderr and exit status 2 (bad input) or 1 (the VM
+or the host failed); tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from vmmcore import __version__
+from vmmcore.config import VmConfig
+from vmmcore.errors import ConfigError, VmmError
+
+
+def fail(message: str, status: int = 1) -> None:
+    """Print one error line and exit; the single exit path for user-facing errors."""
+    click.echo(f"vmm: error: {message}", err=True)
+    sys.exit(status)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vmm")
+def main() -> None:
+    """vmm: a KVM virtual machine monitor with every device as a sandboxed plugin."""
+
+
+@main.command()
+@click.argument("kernel", required=False, type=click.Path(path_type=Path))
+@click.option("-i", "--initrd", type=click.Path(path_type=Path), help="Initial ramdisk.")
+@click.option("-p", "--params", multiple=True, help="Kernel command line parameter(s); repeatable.")
+@click.option("-c", "--cpus", type=int, default=1, show_default=True, help="Number of vCPUs.")
+@click.option("-m", "--mem", "mem_mib", type=int, default=256, show_default=True,
+              help="Guest memory in MiB.")
+@click.option("--serial", multiple=True, metavar="SPEC",
+              help="Serial port: type=stdout|stderr|file|unix|sink,path=P,num=1..4,"
+                   "console=true,stdin=true (crosvm syntax); repeatable.")
+@click.option("--disable-sandbox", is_flag=True, help="Run devices in the main process.")
+def run(kernel: Path | None, initrd: Path | None, params: tuple[str, ...], cpus: int,
+        mem_mib: int, serial: tuple[str, ...], disable_sandbox: bool) -> None:
+    """Boot KERNEL (bzImage or ELF vmlinux); with no KERNEL, the built-in demo guest."""
+    config = VmConfig(kernel=kernel, initrd=initrd, params=list(params), cpus=cpus,
+                      mem_mib=mem_mib, serial=list(serial), disable_sandbox=disable_sandbox)
+    try:
+        config.validate()
+        from vmmcore.vm_runner import run_vm
+
+        status = run_vm(config)
+    except ConfigError as e:
+        fail(str(e), 2)
+    except VmmError as e:
+        fail(str(e), 1)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""KVM bindings (cffi, API mode against linux/kvm.h): Kvm, Vm, Vcpu."""
