@@ -39,11 +39,14 @@ def main() -> None:
               help="Serial port: type=stdout|stderr|file|unix|sink,path=P,num=1..4,"
                    "console=true,stdin=true (crosvm syntax); repeatable.")
 @click.option("--disable-sandbox", is_flag=True, help="Run devices in the main process.")
+@click.option("--kvm-device", type=click.Path(path_type=Path), default=Path("/dev/kvm"),
+              show_default=True, help="Path to the KVM device.")
 def run(kernel: Path | None, initrd: Path | None, params: tuple[str, ...], cpus: int,
-        mem_mib: int, serial: tuple[str, ...], disable_sandbox: bool) -> None:
+        mem_mib: int, serial: tuple[str, ...], disable_sandbox: bool, kvm_device: Path) -> None:
     """Boot KERNEL (bzImage or ELF vmlinux); with no KERNEL, the built-in demo guest."""
     config = VmConfig(kernel=kernel, initrd=initrd, params=list(params), cpus=cpus,
-                      mem_mib=mem_mib, serial=list(serial), disable_sandbox=disable_sandbox)
+                      mem_mib=mem_mib, serial=list(serial), disable_sandbox=disable_sandbox,
+                      kvm_device=kvm_device)
     try:
         config.validate()
         from vmmcore.vm_runner import run_vm

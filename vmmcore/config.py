@@ -38,6 +38,7 @@ class VmConfig:
     disable_sandbox: bool = False
     seccomp_log_failures: bool = False
     socket: Path | None = None
+    kvm_device: Path = Path("/dev/kvm")
 
     def validate(self) -> None:
         """Raise ConfigError with one clear line for anything that cannot work."""
