@@ -1,0 +1,105 @@
+"""GuestMemory: layout around the MMIO hole, bounds checks, zero-copy views, sharing."""
+
+import mmap
+import os
+
+import pytest
+
+from vmmcore.arch.x86_64 import layout
+from vmmcore.errors import GuestMemoryError
+from vmmcore.memory import GuestMemory
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def mem():
+    with GuestMemory([(0, 4 * MiB), (16 * MiB, 2 * MiB)]) as m:
+        yield m
+
+
+def test_regions_are_laid_end_to_end_in_the_memfd(mem):
+    assert [(r.guest_addr, r.size, r.file_offset) for r in mem.regions] == [
+        (0, 4 * MiB, 0), (16 * MiB, 2 * MiB, 4 * MiB)]
+    assert mem.size == 6 * MiB
+    assert os.fstat(mem.fd).st_size == 6 * MiB
+
+
+def test_ram_ranges_split_around_the_hole():
+    assert layout.ram_ranges(256 * MiB) == [(0, 256 * MiB)]
+    big = 4 * 1024 * MiB
+    assert layout.ram_ranges(big) == [(0, layout.MMIO_HOLE_START),
+                                      (layout.FOUR_GIB, big - layout.MMIO_HOLE_START)]
+    with pytest.raises(ValueError):
+        layout.ram_ranges(4095)
+
+
+@pytest.mark.parametrize("addr,length", [
+    (4 * MiB - 4, 8),          # straddles the end of a region
+    (4 * MiB, 1),              # in the gap between regions
+    (18 * MiB, 1),             # past the end
+    (-1, 1),                   # negative
+    (0, -1),                   # negative length
+    (16 * MiB - 1, 2),         # starts in the gap
+    (2**64 - 1, 2),            # wraps
+])
+def test_out_of_range_accesses_raise_one_error_type(mem, addr, length):
+    with pytest.raises(GuestMemoryError):
+        mem.read(addr, length)
+    if length > 0:
+        with pytest.raises(GuestMemoryError):
+            mem.write(addr, b"\0" * length)
+    with pytest.raises(GuestMemoryError):
+        mem.slice(addr, length)
+    assert not mem.is_valid_range(addr, length)
+
+
+def test_integer_accessors_check_bounds(mem):
+    mem.write_u64(4 * MiB - 8, 0x1122334455667788)
+    assert mem.read_u64(4 * MiB - 8) == 0x1122334455667788
+    assert mem.read_u32(4 * MiB - 4) == 0x11223344
+    for fn in (mem.read_u8, mem.read_u16, mem.read_u32, mem.read_u64):
+        with pytest.raises(GuestMemoryError):
+            fn(4 * MiB)
+    with pytest.raises(GuestMemoryError):
+        mem.write_u32(4 * MiB - 2, 1)
+
+
+def test_slices_are_zero_copy_views(mem):
+    view = mem.slice(16 * MiB + 100, 4)
+    view[:] = b"abcd"
+    assert mem.read(16 * MiB + 100, 4) == b"abcd"
+    mem.write(16 * MiB + 101, b"Z")
+    assert bytes(view) == b"aZcd"
+    view.release()
+
+
+def test_a_second_mapping_of_the_memfd_sees_the_same_bytes(mem):
+    """What a sandboxed device process does: map the same memfd itself."""
+    other = GuestMemory([(0, 4 * MiB), (16 * MiB, 2 * MiB)], fd=os.dup(mem.fd))
+    try:
+        mem.write(16 * MiB + 7, b"shared")
+        assert other.read(16 * MiB + 7, 6) == b"shared"
+    finally:
+        other.close()
+
+
+def test_adopting_a_too_small_fd_is_refused():
+    fd = os.memfd_create("small")
+    os.ftruncate(fd, mmap.PAGESIZE)
+    with pytest.raises(GuestMemoryError):
+        GuestMemory([(0, 2 * mmap.PAGESIZE)], fd=fd)
+    os.close(fd)
+
+
+@pytest.mark.parametrize("ranges", [[], [(0, 100)], [(0, 8192), (4096, 8192)], [(1, 4096)]])
+def test_bad_layouts_are_rejected(ranges):
+    with pytest.raises(GuestMemoryError):
+        GuestMemory(ranges)
+
+
+def test_fill_and_read_into(mem):
+    mem.fill(100, 10, 0xAB)
+    buf = bytearray(10)
+    mem.read_into(100, buf)
+    assert buf == b"\xab" * 10
