@@ -19,7 +19,6 @@ The level-1 protocol (the /init is in images.py):
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -100,29 +99,35 @@ VMM_RUN_NEEDED_OPTIONS = ("--initrd", "--params", "--cpus", "--mem")
 def vmm_linux_boot_missing() -> str | None:
     """Why `vmm run` cannot boot a stock Linux kernel yet, or None when it should.
 
-    The probe: ``python3 -m vmmcore.cli run --help`` lists the options the scenarios use
-    (VMM_RUN_NEEDED_OPTIONS) and the module that `run` dispatches to, ``vmmcore.vm_runner``,
-    exists. ``VMM_E2E_REQUIRE_VMM=1`` skips the probe (the tests then run, and fail, anyway).
+    The probe (each step in a subprocess, so pytest's own imports stay clean):
+      1. ``python3 -m vmmcore.cli run --help`` lists VMM_RUN_NEEDED_OPTIONS;
+      2. the modules `run` needs for Linux import: ``vmmcore.vm_runner`` (what `run`
+         dispatches to) and ``vmmcore.arch.x86_64.linux_loader`` (bzImage/ELF loading).
+    ``VMM_E2E_REQUIRE_VMM=1`` skips the probe (the tests then run, and fail if vmm can't);
+    ``VMM_E2E_REQUIRE_VMM=0`` always reports "disabled" (the tests skip).
     """
-    if _env_flag("VMM_E2E_REQUIRE_VMM"):
+    forced = _env_flag("VMM_E2E_REQUIRE_VMM")
+    if forced is True:
         return None
+    if forced is False:
+        return "disabled by VMM_E2E_REQUIRE_VMM=0"
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
     try:
         r = subprocess.run([sys.executable, "-m", "vmmcore.cli", "run", "--help"], cwd=REPO,
-                           capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "PYTHONPATH": _pythonpath()})
+                           capture_output=True, text=True, timeout=60, env=env)
+        if r.returncode != 0:
+            return f"`vmm run --help` exits {r.returncode}: {r.stderr.strip()[-200:]}"
+        lacking = [o for o in VMM_RUN_NEEDED_OPTIONS if o not in r.stdout]
+        if lacking:
+            return f"`vmm run` lacks {' '.join(lacking)}"
+        mods = ("vmmcore.vm_runner", "vmmcore.arch.x86_64.linux_loader")
+        r = subprocess.run([sys.executable, "-c", "import " + ", ".join(mods)], cwd=REPO,
+                           capture_output=True, text=True, timeout=60, env=env)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["?"])[-1]
+            return f"{' or '.join(mods)} does not import: {last}"
     except (OSError, subprocess.TimeoutExpired) as e:
-        return f"`vmm run --help` failed: {e}"
-    if r.returncode != 0:
-        return f"`vmm run --help` exits {r.returncode}: {r.stderr.strip()[-200:]}"
-    lacking = [o for o in VMM_RUN_NEEDED_OPTIONS if o not in r.stdout]
-    if lacking:
-        return f"`vmm run` lacks {' '.join(lacking)}"
-    sys.path.insert(0, str(REPO))
-    try:
-        if importlib.util.find_spec("vmmcore.vm_runner") is None:
-            return "vmmcore.vm_runner does not exist"
-    finally:
-        sys.path.remove(str(REPO))
+        return f"probing `vmm run` failed: {e}"
     return None
 
 
