@@ -13,6 +13,7 @@ import click
 
 from vmmcore import __version__
 from vmmcore.config import VmConfig
+from vmmcore.device_options import DeviceArgs, collect_devices, device_options
 from vmmcore.errors import ConfigError, VmmError
 
 
@@ -41,14 +42,17 @@ def main() -> None:
 @click.option("--disable-sandbox", is_flag=True, help="Run devices in the main process.")
 @click.option("--kvm-device", type=click.Path(path_type=Path), default=Path("/dev/kvm"),
               show_default=True, help="Path to the KVM device.")
+@device_options
 def run(kernel: Path | None, initrd: Path | None, params: tuple[str, ...], cpus: int,
-        mem_mib: int, serial: tuple[str, ...], disable_sandbox: bool, kvm_device: Path) -> None:
+        mem_mib: int, serial: tuple[str, ...], disable_sandbox: bool, kvm_device: Path,
+        device_args: DeviceArgs) -> None:
     """Boot KERNEL (bzImage or ELF vmlinux); with no KERNEL, the built-in demo guest."""
     config = VmConfig(kernel=kernel, initrd=initrd, params=list(params), cpus=cpus,
                       mem_mib=mem_mib, serial=list(serial), disable_sandbox=disable_sandbox,
                       kvm_device=kvm_device)
     try:
         config.validate()
+        config.devices = collect_devices(device_args)
         from vmmcore.vm_runner import run_vm
 
         status = run_vm(config)
@@ -57,6 +61,11 @@ def run(kernel: Path | None, initrd: Path | None, params: tuple[str, ...], cpus:
     except VmmError as e:
         fail(str(e), 1)
     sys.exit(status)
+
+
+from vmmcore.cli_plugins import plugins as _plugins_group  # noqa: E402
+
+main.add_command(_plugins_group)
 
 
 if __name__ == "__main__":

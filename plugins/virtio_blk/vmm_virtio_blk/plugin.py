@@ -1,0 +1,53 @@
+"""The virtio-blk plugin's PluginSpec (see vmm_virtio_rng.plugin for the commented template).
+
+crosvm's spellings map here: ``--block path=P,ro=true``, ``--disk P`` (read-only) and
+``--rwdisk P`` (writable) all become ``--device virtio_blk:path=P,...``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmmcore.plugin_api import Bool, Int, Path, PluginSpec, Size, Str
+
+
+def _validate(options: dict[str, Any]) -> None:
+    bs = options["block_size"]
+    if bs & (bs - 1):
+        raise ValueError(f"block_size={bs} is not a power of two")
+    if len(options["id"].encode()) > 20:
+        raise ValueError(f"id={options['id']!r} is longer than 20 bytes (VIRTIO_BLK_ID_BYTES)")
+    fmt = options["format"]
+    if fmt != "auto":
+        from vmmcore.registry import get_registry
+
+        formats = get_registry().names("disk_format")
+        if fmt not in formats:
+            raise ValueError(f"format={fmt!r} is not an installed disk format "
+                             f"(installed: auto, {', '.join(formats) or 'none'})")
+
+
+PLUGIN = PluginSpec(
+    name="virtio_blk",
+    kind="device",
+    api_version="1.0",
+    summary="virtio block device backed by a disk image (raw, qcow2, ... plugins)",
+    options=(
+        Path("path", required=True, must_exist=True, help="The disk image file."),
+        Bool("ro", default=False, help="Read-only: the guest cannot write to the disk."),
+        Bool("sparse", default=True,
+             help="Let guest DISCARD/WRITE_ZEROES punch holes in the image."),
+        Bool("direct", default=False, help="Open the image with O_DIRECT (no host cache)."),
+        Size("block_size", default=512, min=512, max=64 << 10,
+             help="Logical block size reported to the guest (a power of two)."),
+        Str("id", default="", help="Serial number the guest reads (VIRTIO_BLK_T_GET_ID)."),
+        Str("format", default="auto",
+            help="Disk format plugin (see `vmm plugins list --kind disk_format`); "
+                 "auto detects it from the image's header."),
+        Int("num_queues", default=1, min=1, max=16, help="Number of request virtqueues."),
+    ),
+    positional="path",
+    policy="virtio_blk.policy",
+    factory=None,   # the device model comes with the virtio-blk issue
+    validate=_validate,
+)

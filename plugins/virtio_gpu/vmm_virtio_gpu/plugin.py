@@ -1,0 +1,50 @@
+"""The virtio-gpu plugin's PluginSpec (see vmm_virtio_rng.plugin for the commented template).
+
+crosvm's ``--gpu key=value,...`` maps here, and ``--display-window-keyboard`` /
+``--display-window-mouse`` set window_keyboard / window_mouse on every GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmmcore.plugin_api import Bool, Enum, Int, PluginSpec, Size, Str
+
+
+def _validate(options: dict[str, Any]) -> None:
+    display = options["display"]
+    from vmmcore.registry import get_registry
+
+    displays = get_registry().names("display")
+    if display not in displays:
+        raise ValueError(f"display={display!r} is not an installed display backend "
+                         f"(installed: {', '.join(displays) or 'none'})")
+
+
+PLUGIN = PluginSpec(
+    name="virtio_gpu",
+    kind="device",
+    api_version="1.0",
+    summary="virtio GPU: 2D scanout (virgl 3D where libvirglrenderer works)",
+    options=(
+        Int("width", default=1280, min=1, max=16384, help="Display width in pixels."),
+        Int("height", default=1024, min=1, max=16384, help="Display height in pixels."),
+        Enum("backend", ("2d", "virglrenderer"), default="2d",
+             help="Rendering: 2d (software scanout) or virglrenderer (OpenGL for the guest)."),
+        Str("display", default="headless",
+            help="Display backend plugin that shows the scanout "
+                 "(see `vmm plugins list --kind display`)."),
+        Int("refresh_rate", default=60, min=1, max=240, help="Vertical refresh rate (Hz)."),
+        Size("hostmem", default=0, min=0, max=4 << 30,
+             help="Host-visible memory region for blob resources (0: none)."),
+        Bool("window_keyboard", default=False,
+             help="Add a virtio-input keyboard fed from the display window "
+                  "(crosvm's --display-window-keyboard)."),
+        Bool("window_mouse", default=False,
+             help="Add a virtio-input mouse fed from the display window "
+                  "(crosvm's --display-window-mouse)."),
+    ),
+    policy="virtio_gpu.policy",
+    factory=None,   # the device model comes with the virtio-gpu issue
+    validate=_validate,
+)
