@@ -147,14 +147,24 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _compile(cc: str, src: Path, name: str, out: Path) -> None:
+def _compile(cc: str, src: Path, name: str, out: Path, extra: Iterable[str] = ()) -> str:
+    """One gcc run: compile and link guest NAME into OUT; returns gcc's diagnostics."""
     sources = [str(src / s) for s in (*RUNTIME_SOURCES, *GUESTS[name])]
-    cmd = [cc, *CFLAGS, *LDFLAGS, f"-I{src / 'runtime'}", "-T", str(src / LINKER_SCRIPT),
-           "-o", str(out), *sources]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    cmd = [cc, *CFLAGS, *extra, *LDFLAGS, f"-I{src / 'runtime'}",
+           "-T", str(src / LINKER_SCRIPT), "-o", str(out), *sources]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as e:
+        raise VmmError(f"cannot run the C compiler {cc}: {e.strerror}") from e
     if proc.returncode != 0:
         detail = "\n".join(proc.stderr.strip().splitlines()[-20:])
         raise VmmError(f"building guest {name!r} failed (gcc exit {proc.returncode}):\n{detail}")
+    return proc.stderr
+
+
+def build_into(name: str, out: Path, extra_flags: Iterable[str] = ()) -> str:
+    """Builds guest NAME to OUT without the cache (tests use it with -Werror)."""
+    return _compile(compiler(), source_dir(), _check_name(name), out, extra_flags)
 
 
 def guest_path(name: str, *, rebuild: bool = False) -> Path:
