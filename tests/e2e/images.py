@@ -138,12 +138,17 @@ def fetch_kernel() -> Kernel:
             subprocess.run(["apt-get", "download", "-q", pkg], cwd=dl, check=True,
                            stdout=subprocess.DEVNULL)
             (deb,) = Path(dl).glob("*.deb")
-            if root.exists():
-                shutil.rmtree(root)
+            if root.exists() and not (root / ".complete").exists():
+                shutil.rmtree(root)   # a half-finished unpack of an older harness
             unpack = Path(tempfile.mkdtemp(dir=cdir, prefix=".unpack-"))
             subprocess.run(["dpkg-deb", "-x", str(deb), str(unpack)], check=True)
             (unpack / ".complete").write_text(deb.name + "\n")
-            unpack.rename(root)
+            try:
+                unpack.rename(root)
+            except OSError:   # another process (tests/debian_kernel.py) got there first
+                shutil.rmtree(unpack, ignore_errors=True)
+                if not (root / ".complete").exists():
+                    raise
         _log(f"fetched and unpacked {pkg} in {time.monotonic() - t0:.1f} s")
     return Kernel(release, root, vmlinuz)
 
