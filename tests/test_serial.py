@@ -662,7 +662,6 @@ def test_stdin_tty_goes_raw_and_ctrl_a_x_escapes():
                                         lambda irq: CallbackInterrupt(lambda h: None),
                                         start_input=False, on_escape=escaped.set)
         devices.stdin_fd = slave
-        devices.terminal.fd = slave
         devices.start_input()
         assert devices.terminal.active
         os.write(master, b"hi\x01x")

@@ -570,6 +570,7 @@ class SerialDevices(list):
                 if p.params.stdin:
                     tty = os.isatty(self.stdin_fd)
                     if tty:
+                        self.terminal.fd = self.stdin_fd
                         self.terminal.enter()
                     self._add_reader(self.stdin_fd, deliver, f"COM{p.params.num} stdin",
                                      escape=self.on_escape if tty else None)
