@@ -14,13 +14,14 @@ unchanged one means none. Each build happens in a private temporary directory an
 finished ELF is renamed into place atomically, so concurrent threads and processes may
 build the same guest at once: the last rename wins and every reader sees a whole file.
 
-The sources are looked up in this order: $VMM_GUESTS_DIR; guests/ beside the vmmcore
-package (a git checkout or an editable install); vmmcore/_guests/ inside the installed
-package (a wheel that ships the sources as package data).
+The sources are looked up in this order: $VMM_GUESTS_DIR; vmmcore/_guests/ inside the
+installed package (a wheel ships guests/ there, see guests/README.md); guests/ beside the
+vmmcore package (a git checkout or an editable install).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -93,7 +94,7 @@ def source_dir() -> Path:
     if env:
         candidates.append(Path(env))
     package = Path(__file__).resolve().parent
-    candidates += [package.parent / "guests", package / "_guests"]
+    candidates += [package / "_guests", package.parent / "guests"]
     for c in candidates:
         if (c / LINKER_SCRIPT).is_file():
             return c
@@ -116,6 +117,7 @@ def names() -> list[str]:
     return list(GUESTS)
 
 
+@functools.lru_cache(maxsize=8)
 def _compiler_id(cc: str) -> str:
     try:
         out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60,

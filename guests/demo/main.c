@@ -115,13 +115,16 @@ static void show_rtc(void)
 		       t.minute, t.second);
 }
 
+extern const char __image_start[], __image_end[];
+
 int main(const void *bp)
 {
 	puts("");
-	puts("vmm demo guest: freestanding x86-64, entered in long mode");
+	puts("vmm demo guest: freestanding x86-64 C, entered in 64-bit long mode");
+	printf("  image    %p..%p, boot_params at %p\n", (const void *)__image_start,
+	       (const void *)__image_end, bp);
 	const char *cmdline = boot_cmdline(bp);
-	if (*cmdline)
-		printf("  cmdline  %s\n", cmdline);
+	printf("  cmdline  \"%s\"\n", cmdline);
 	show_cpu();
 	show_memory(bp);
 	const struct acpi_info *a = acpi();
