@@ -148,7 +148,7 @@ class Registry:
 
     def names(self, kind: str) -> list[str]:
         """The canonical names installed for a kind, sorted; nothing is imported."""
-        group = KIND_GROUPS[kind] if kind in KIND_GROUPS else HOOK_GROUP
+        group = KIND_GROUPS.get(kind, HOOK_GROUP)
         return sorted({canonical(ep.name) for ep in self.entry_points(group)})
 
     def closest(self, kind: str, name: str, n: int = 3) -> list[str]:
@@ -164,7 +164,7 @@ class Registry:
         """
         key = (kind, canonical(name))
         if key not in self._records:
-            group = KIND_GROUPS[kind] if kind in KIND_GROUPS else HOOK_GROUP
+            group = KIND_GROUPS.get(kind, HOOK_GROUP)
             eps = [ep for ep in self.entry_points(group) if canonical(ep.name) == key[1]]
             if not eps:
                 return None
@@ -335,6 +335,8 @@ class Registry:
                     pm.register(rec.obj, name=rec.name)
                 except Exception as e:  # pluggy.PluginValidationError and the like
                     rec.error = one_line(e)
+                    if pm.has_plugin(rec.name):     # pluggy leaves it half-registered
+                        pm.unregister(name=rec.name)
             self._hook_manager = pm
         return self._hook_manager
 
