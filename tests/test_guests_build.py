@@ -4,11 +4,13 @@ the instruction check); no KVM."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -156,6 +158,18 @@ def test_concurrent_builds_all_get_a_whole_elf(private_sources, tmp_path):
     assert len(set(results)) == 1
     program_headers(results[0].read_bytes())
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [results[0].name]  # no temp dirs
+
+
+@needs_gcc
+def test_an_unwritable_cache_falls_back_to_tmp(private_sources, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("VMM_GUEST_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    path = guests.guest_path("tests/hello")
+    assert path.parent == tmp_path / "tmp" / f"vmm-guests-{os.getuid()}"
+    program_headers(path.read_bytes())
 
 
 def test_missing_compiler_is_one_clear_line(monkeypatch):

@@ -8,7 +8,7 @@
 
 Guests are built with gcc from source, never committed as binaries. A build lands in a
 cache directory ($VMM_GUEST_CACHE, else $XDG_CACHE_HOME/vmm/guests, else
-~/.cache/vmm/guests) under a name keyed by a hash of every guest source file, the compiler
+~/.cache/vmm/guests; $TMPDIR/vmm-guests-UID if that cannot be created) under a name keyed by a hash of every guest source file, the compiler
 flags and the compiler's version, so a changed source or compiler means a rebuild and an
 unchanged one means none. Each build happens in a private temporary directory and the
 finished ELF is renamed into place atomically, so concurrent threads and processes may
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -32,6 +33,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from vmmcore.errors import VmmError
+
+log = logging.getLogger(__name__)
 
 #: Runtime linked into every guest (paths relative to the guests/ source directory).
 RUNTIME_SOURCES = (
@@ -169,13 +172,13 @@ def build_into(name: str, out: Path, extra_flags: Iterable[str] = ()) -> str:
     return _compile(compiler(), source_dir(), _check_name(name), out, extra_flags)
 
 
-def guest_path(name: str, *, rebuild: bool = False) -> Path:
+def guest_path(name: str, *, rebuild: bool = False, _cache: Path | None = None) -> Path:
     """A built ELF for guest NAME ("demo", "tests/hello", ...), building it if needed."""
     name = _check_name(name)
     src = source_dir()
     cc = compiler()
     key = _build_key(src, cc)
-    cache = cache_dir()
+    cache = _cache or cache_dir()
     target = cache / f"{name.replace('/', '-')}-{key}.elf"
     if target.is_file() and not rebuild:
         return target
@@ -183,7 +186,12 @@ def guest_path(name: str, *, rebuild: bool = False) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
     except OSError as e:
-        raise VmmError(f"cannot create the guest build cache {cache}: {e.strerror}") from e
+        # A read-only home (a jail, a 9p root) still gets a per-user cache in /tmp.
+        fallback = Path(tempfile.gettempdir()) / f"vmm-guests-{os.getuid()}"
+        if cache == fallback:
+            raise VmmError(f"cannot create the guest build cache {cache}: {e.strerror}") from e
+        log.info("guest cache %s is not writable (%s); using %s", cache, e.strerror, fallback)
+        return guest_path(name, rebuild=rebuild, _cache=fallback)
     try:
         out = tmp / "guest.elf"
         _compile(cc, src, name, out)
