@@ -168,3 +168,30 @@ def test_all_ones_write_is_s7_not_s5():
     dev, events, _, _ = make()
     dev.write(0, b"\xff" * 8)
     assert not events.is_set()             # SLP_TYP = 7
+
+
+
+# Fuzzing: any sequence of guest accesses, no exception ---------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("r"), st.integers(-2, 10), st.integers(-1, 9)),
+    st.tuples(st.just("w"), st.integers(-2, 10), st.binary(max_size=9)),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ops)
+def test_fuzz_any_access_sequence(ops):
+    dev, events, lines, _ = make()
+    for kind, offset, arg in ops:
+        if kind == "r":
+            assert len(dev.read(offset, arg)) == max(0, min(arg, 8))
+        else:
+            dev.write(offset, arg)
+    assert r16(dev, CNT) & a.CNT_SCI_EN
+    assert lines == [] or lines[-1] == dev.sci_asserted
+    if events.is_set():
+        assert events.exit.event is VmEvent.POWEROFF

@@ -213,3 +213,28 @@ def test_every_index_and_value_is_safe():
     # Whatever the guest did to B, the time registers still read.
     for reg in c.TIME_REGS:
         get(dev, reg)
+
+
+
+# Fuzzing: any sequence of guest accesses, no exception ---------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("r"), st.integers(-2, 10), st.integers(-1, 9)),
+    st.tuples(st.just("w"), st.integers(-2, 10), st.binary(max_size=9)),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ops)
+def test_fuzz_any_access_sequence(ops):
+    dev = make()
+    for kind, offset, arg in ops:
+        if kind == "r":
+            assert len(dev.read(offset, arg)) == max(0, min(arg, 8))
+        else:
+            dev.write(offset, arg)
+    assert not get(dev, c.RTC_REG_A) & c.REG_A_UIP
+    assert get(dev, c.RTC_REG_D) == c.REG_D_VRT

@@ -192,3 +192,27 @@ def test_wide_write_at_offset_3_reaches_the_command_port():
     dev, events = make()
     dev.write(3, b"\x00\xfe")
     assert events.exit.event is VmEvent.RESET
+
+
+
+# Fuzzing: any sequence of guest accesses, no exception ---------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("r"), st.integers(-2, 10), st.integers(-1, 9)),
+    st.tuples(st.just("w"), st.integers(-2, 10), st.binary(max_size=9)),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ops)
+def test_fuzz_any_access_sequence(ops):
+    dev, events = make()
+    for kind, offset, arg in ops:
+        if kind == "r":
+            assert len(dev.read(offset, arg)) == max(0, min(arg, 8))
+        else:
+            dev.write(offset, arg)
+    assert not status(dev) & k.STS_IBF

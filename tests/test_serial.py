@@ -672,3 +672,33 @@ def test_stdin_tty_goes_raw_and_ctrl_a_x_escapes():
     finally:
         os.close(master)
         os.close(slave)
+
+
+# Fuzzing: any sequence of guest accesses and host input, no exception ----------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("r"), st.integers(-2, 10), st.integers(-1, 9)),
+    st.tuples(st.just("w"), st.integers(-2, 10), st.binary(max_size=9)),
+    st.tuples(st.just("in"), st.just(0), st.binary(max_size=40)),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ops)
+def test_fuzz_any_access_sequence(ops):
+    dev, irq, out = make()
+    for kind, offset, arg in ops:
+        if kind == "r":
+            assert len(dev.read(offset, arg)) == max(0, min(arg, 8))
+        elif kind == "w":
+            dev.write(offset, arg)
+        else:
+            dev.queue_input(arg)
+    lsr = rd(dev, s.LSR)
+    assert lsr & (s.LSR_THRE | s.LSR_TEMT) == s.LSR_THRE | s.LSR_TEMT
+    assert bool(lsr & s.LSR_DR) == (dev.pending_input() > 0)
+    iir = rd(dev, s.IIR)
+    assert iir & 0x30 == 0 and iir & 0x0F in (1, 0, 2, 4, 6)
