@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -191,6 +192,15 @@ def guest_path(name: str, *, rebuild: bool = False, _cache: Path | None = None) 
         if cache == fallback:
             raise VmmError(f"cannot create the guest build cache {cache}: {e.strerror}") from e
         log.info("guest cache %s is not writable (%s); using %s", cache, e.strerror, fallback)
+        try:
+            fallback.mkdir(mode=0o700, exist_ok=True)
+            st = fallback.lstat()
+        except OSError as e2:
+            raise VmmError(f"cannot create the guest build cache {fallback}: {e2.strerror}") from e2
+        if st.st_uid != os.getuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
+            # Someone else's directory in a shared /tmp: never run ELFs from it.
+            raise VmmError(f"guest build cache {fallback} is not a private directory of this "
+                           "user; set VMM_GUEST_CACHE") from e
         return guest_path(name, rebuild=rebuild, _cache=fallback)
     try:
         out = tmp / "guest.elf"
