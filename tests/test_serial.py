@@ -384,6 +384,16 @@ def test_resolve_defaults_and_fill():
     assert resolve_serial_parameters([], stdin_isatty=False)[0].stdin is False
 
 
+def test_resolve_adds_com1_console_when_no_console_and_com1_free():
+    params = resolve_serial_parameters(["type=sink,num=2"], stdin_isatty=False)
+    assert params[0] == SerialParameters(type="stdout", num=1, console=True, stdin=False)
+    # COM1 given (not as console) or another port is the console: no default console.
+    params = resolve_serial_parameters(["type=sink,num=1"], stdin_isatty=False)
+    assert not any(p.console for p in params) and params[0].type == "sink"
+    params = resolve_serial_parameters(["type=sink,num=3,console"], stdin_isatty=False)
+    assert params[0].type == "sink" and params[2].console
+
+
 def test_resolve_stdin_goes_to_first_stdout_only_when_not_claimed():
     params = resolve_serial_parameters(["type=sink,num=1", "type=stdout,num=3",
                                         "type=stdout,num=2"], stdin_isatty=True)

@@ -27,8 +27,10 @@ Syntax (one --serial per port, keys in any order, crosvm style)::
     earlycon  also put earlycon=uart8250,io,<port> on the kernel command line
     hardware  only "serial" (the 16550A); crosvm's virtio-console is not supported
 
-With no --serial at all, COM1 is the console on stdout (default_serial_parameters()).
-Like crosvm, ports not given are still created, as sinks, so all four COM ports exist.
+With no --serial at all, COM1 is the console on stdout (default_serial_parameters());
+so it is whenever COM1 is not given and no port is the console (crosvm's rule). Like
+crosvm, the other ports not given are still created, as sinks, so all four COM ports
+exist.
 
 The VM builder calls::
 
@@ -190,20 +192,24 @@ def resolve_serial_parameters(specs: Iterable[str | SerialParameters], *,
                               fill_missing: bool = True) -> list[SerialParameters]:
     """Every --serial parsed and checked together, defaults applied, sorted by num.
 
-    Raises ConfigError for a port given twice, two consoles or two stdin users. With
-    no spec at all, COM1 is the stdout console. stdin=None becomes True for the first
+    Raises ConfigError for a port given twice, two consoles or two stdin users. When
+    no port is the console and COM1 is not given (no spec at all, say), COM1 is the
+    stdout console, as in crosvm. stdin=None becomes True for the first
     stdout port when stdin is a terminal (stdin_isatty, default os.isatty(0)) and no
     port asked for stdin. With fill_missing, absent COM ports are added as sinks.
     """
     params = [s if isinstance(s, SerialParameters) else parse_serial_spec(s)
               for s in specs]
-    if not params:
-        params = [default_serial_parameters()]
     by_num: dict[int, SerialParameters] = {}
     for p in params:
         if p.num in by_num:
             raise ConfigError(f"--serial: num={p.num} (COM{p.num}) is given twice")
         by_num[p.num] = p
+    if 1 not in by_num and not any(p.console for p in params):
+        # As crosvm: with no console asked for and COM1 not configured, COM1 is the
+        # stdout console.
+        by_num[1] = default_serial_parameters()
+        params.append(by_num[1])
     consoles = [p.num for p in params if p.console]
     if len(consoles) > 1:
         raise ConfigError(f"--serial: console is set on num={consoles[0]} and "
