@@ -1,0 +1,29 @@
+"""virtio core: the split virtqueue, the VirtioDevice base class and its interrupt path.
+
+The virtio-pci transport (VirtioPciDevice) builds on these; device plugins subclass
+VirtioDevice.
+"""
+
+from vmmcore.virtio.device import EventFdMsix, VirtioDevice, VirtioInterrupt, VirtioWorker
+from vmmcore.virtio.queue import (
+    DescriptorChain,
+    Queue,
+    VirtqueueError,
+    prepare_queues,
+    vring_need_event,
+)
+from vmmcore.virtio.status import DeviceStatus, DeviceType
+
+__all__ = [
+    "DescriptorChain",
+    "DeviceStatus",
+    "DeviceType",
+    "EventFdMsix",
+    "Queue",
+    "VirtioDevice",
+    "VirtioInterrupt",
+    "VirtioWorker",
+    "VirtqueueError",
+    "prepare_queues",
+    "vring_need_event",
+]
