@@ -55,6 +55,7 @@ GUESTS: dict[str, tuple[str, ...]] = {
     "tests/smp": ("tests/smp.c", "tests/smp_trampoline.S"),
     "tests/mmio": ("tests/mmio.c",),
     "tests/crash": ("tests/crash.c",),
+    "tests/pci": ("tests/pci.c",),
 }
 
 #: Flags for kvm-pvm, whose ring-0 emulator lacks SSE, popcnt, xsave/xrstor, clac, int3.

@@ -82,6 +82,19 @@ static void show_acpi(const struct acpi_info *a)
 	}
 }
 
+/* Modern virtio-pci device ids are 0x1040 + the virtio device type. */
+static const char *virtio_name(u16 vendor, u16 device)
+{
+	static const char *const names[] = {
+		[1] = "net", [2] = "block", [3] = "console", [4] = "rng", [5] = "balloon",
+		[8] = "scsi", [9] = "9p", [16] = "gpu", [18] = "input", [19] = "vsock",
+		[26] = "fs", [40] = "wl",
+	};
+	if (vendor != 0x1af4 || device < 0x1040 || device >= 0x1040 + ARRAY_SIZE(names))
+		return 0;
+	return names[device - 0x1040];
+}
+
 static void show_pci(void)
 {
 	unsigned found = 0;
@@ -95,9 +108,11 @@ static void show_pci(void)
 			if (fn == 0 && (pci_read8(0, dev, 0, 0x0e) & 0x80))
 				nfn = 8;	/* multi-function device */
 			u32 cls = pci_read32(0, dev, fn, 0x08);
-			printf("             00:%02x.%u %04x:%04x class %02x.%02x.%02x  %s\n", dev, fn,
-			       id & 0xffff, id >> 16, cls >> 24, (cls >> 16) & 0xff, (cls >> 8) & 0xff,
-			       pci_class_name((u8)(cls >> 24), (u8)(cls >> 16)));
+			const char *virtio = virtio_name((u16)id, (u16)(id >> 16));
+			printf("             00:%02x.%u %04x:%04x class %02x.%02x.%02x  %s%s\n", dev,
+			       fn, id & 0xffff, id >> 16, cls >> 24, (cls >> 16) & 0xff,
+			       (cls >> 8) & 0xff, virtio ? "virtio-" : "",
+			       virtio ? virtio : pci_class_name((u8)(cls >> 24), (u8)(cls >> 16)));
 			found++;
 		}
 	}
