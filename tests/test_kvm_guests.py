@@ -1,0 +1,144 @@
+"""Tier 2: our own test guests on the host's /dev/kvm, through the real run loop."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from vmmcore.bus import BusDevice
+from vmmcore.config import VmConfig
+from vmmcore.errors import KvmError
+from vmmcore.vm_builder import build_vm
+from vmmcore.vm_events import VmEvent
+
+pytestmark = pytest.mark.kvm
+
+if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    pytest.skip("tier 2 needs read-write access to /dev/kvm", allow_module_level=True)
+
+
+def guest(name: str) -> Path:
+    from vmmcore.guests import guest_path
+
+    return guest_path(name)
+
+
+def run_guest(tmp_path: Path, name: str, *, cpus: int = 1, params: list[str] | None = None,
+              setup=None):
+    """Boot a test guest with its serial output in a file; returns (VmExit, serial text)."""
+    out = tmp_path / "serial.txt"
+    config = VmConfig(kernel=guest(name), cpus=cpus, mem_mib=64, params=params or [],
+                      serial=[f"type=file,path={out}"])
+    config.validate()
+    inst = build_vm(config)
+    try:
+        if setup:
+            setup(inst)
+        vm_exit = inst.run()
+    finally:
+        inst.close()
+    return vm_exit, out.read_text(errors="replace")
+
+
+def test_hello_guest_prints_and_reports_its_exit_status(tmp_path):
+    vm_exit, serial = run_guest(tmp_path, "tests/hello")
+    assert "hello from guest" in serial
+    assert (vm_exit.event, vm_exit.status) == (VmEvent.GUEST_EXIT, 0)
+
+
+def test_exit_status_comes_from_the_guest(tmp_path):
+    vm_exit, _ = run_guest(tmp_path, "tests/hello", params=["exit=7"])
+    assert (vm_exit.event, vm_exit.status) == (VmEvent.GUEST_EXIT, 7)
+
+
+def test_two_vcpus_both_run(tmp_path):
+    vm_exit, serial = run_guest(tmp_path, "tests/smp", cpus=2)
+    assert "cpus online: 2" in serial, serial
+    assert vm_exit.status == 0, vm_exit.message
+
+
+class MmioProbe(BusDevice):
+    """Answers reads with a known value and records writes."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, bytes]] = []
+        self.thread = ""
+
+    def read(self, offset: int, size: int) -> bytes:
+        return (0xCAFE0000 + 0x42 + offset).to_bytes(8, "little")[:size]
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.thread = threading.current_thread().name
+        self.writes.append((offset, bytes(data)))
+
+
+def test_unmapped_mmio_reaches_a_bus_device(tmp_path):
+    probe = MmioProbe()
+    vm_exit, _ = run_guest(tmp_path, "tests/mmio",
+                           setup=lambda inst: inst.mmio_bus.insert(probe, 0xD000_0000, 0x1000))
+    assert probe.writes == [(0, (0x12345678).to_bytes(4, "little"))]
+    assert probe.thread == "vcpu0"
+    assert vm_exit.status == 0x46       # low byte of the value read at offset 4
+
+
+def test_triple_fault_is_a_crash_with_a_clear_message(tmp_path):
+    vm_exit, _ = run_guest(tmp_path, "tests/crash")
+    assert vm_exit.event == VmEvent.CRASH
+    assert vm_exit.status == 3
+    assert "triple" in vm_exit.message or "internal error" in vm_exit.message
+
+
+def vmm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vmmcore.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_vmm_run_with_no_arguments_boots_the_demo_and_exits_0():
+    result = vmm("run")
+    assert result.returncode == 0, result.stderr
+    assert "vmm demo guest" in result.stdout.lower(), result.stdout
+    assert "cpus" in result.stdout.lower()
+
+
+def test_vmm_run_exit_status_is_the_guests(tmp_path):
+    result = vmm("run", str(guest("tests/hello")), "-p", "exit=5")
+    assert result.returncode == 5
+    assert "hello from guest" in result.stdout
+
+
+def test_missing_kvm_device_is_one_clear_line(tmp_path):
+    result = vmm("run", "--kvm-device", str(tmp_path / "nokvm"))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_kvm_permission_error_is_clear(tmp_path):
+    path = tmp_path / "kvm"
+    path.write_text("")
+    path.chmod(0)
+    if os.geteuid() == 0:
+        # root bypasses file modes; a directory stands in for an unopenable device
+        path.unlink()
+        path.mkdir()
+    with pytest.raises(KvmError):
+        from vmmcore.kvm import Kvm
+
+        Kvm(str(path))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-c", "0"], "--cpus"),
+    (["-m", "1"], "--mem"),
+    (["/no/such/kernel"], "no such file"),
+])
+def test_bad_run_options_exit_2(args, message):
+    result = vmm("run", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

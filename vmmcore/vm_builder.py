@@ -1,0 +1,184 @@
+"""Assembling a VM from a VmConfig: KVM, guest memory, buses, legacy devices, the
+kernel, ACPI tables and vCPUs, in the order KVM requires.
+
+build_vm() either returns a complete VmInstance or raises having released everything
+it made (an ExitStack holds every fd, mapping and thread), so a failed start never
+leaves half a VM behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmmcore.arch.x86_64 import layout
+from vmmcore.arch.x86_64.acpi import build_acpi_tables
+from vmmcore.arch.x86_64.linux_loader import LoadedKernel, load_kernel
+from vmmcore.arch.x86_64.regs import boot_regs, setup_long_mode
+from vmmcore.arch.x86_64.vcpu_init import configure_vcpu
+from vmmcore.bus import Bus, BusDevice
+from vmmcore.config import VmConfig
+from vmmcore.devices.acpi_pm import AcpiPmDevice
+from vmmcore.devices.cmos import Cmos
+from vmmcore.devices.debug_exit import DebugExit
+from vmmcore.devices.i8042 import I8042
+from vmmcore.devices.serial_backends import create_serial_devices
+from vmmcore.errors import ConfigError
+from vmmcore.eventfd import EventFd
+from vmmcore.interrupts import IrqFdInterrupt
+from vmmcore.kvm import Kvm, Vm
+from vmmcore.kvm.run_loop import VcpuRunLoop, install_kick_handler
+from vmmcore.kvm.sys import lib
+from vmmcore.memory import GuestMemory
+from vmmcore.vm_events import VmEvent, VmEventSink, VmExit
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+JOIN_TIMEOUT = 5.0
+
+
+@dataclass
+class VmInstance:
+    """A built, not yet running VM. Tests may add bus devices before run()."""
+
+    config: VmConfig
+    kvm: Kvm
+    vm: Vm
+    mem: GuestMemory
+    io_bus: Bus
+    mmio_bus: Bus
+    events: VmEventSink
+    kernel: LoadedKernel
+    loops: list[VcpuRunLoop] = field(default_factory=list)
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def irq_interrupt(self, gsi: int) -> IrqFdInterrupt:
+        """An edge interrupt on GSI gsi through a KVM irqfd (released with the VM)."""
+        evt = self.stack.enter_context(EventFd())
+        self.vm.register_irqfd(evt, gsi)
+        return IrqFdInterrupt(evt)
+
+    def add_io_device(self, device: BusDevice, port: int, length: int) -> None:
+        self.io_bus.insert(device, port, length)
+
+    def run(self) -> VmExit:
+        """Start every vCPU, wait until the VM ends, stop them all; returns how it ended."""
+        install_kick_handler()
+        self.events.add_listener(lambda _exit: self._kick_all())
+        with _stop_on_signals(self.events):
+            for loop in self.loops:
+                loop.start()
+            vm_exit = self.events.wait()
+        for loop in self.loops:
+            if not loop.join(JOIN_TIMEOUT):
+                log.error("vcpu%d did not stop within %.0f s", loop.vcpu.id, JOIN_TIMEOUT)
+        assert vm_exit is not None
+        return vm_exit
+
+    def _kick_all(self) -> None:
+        for loop in self.loops:
+            loop.kick()
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(events: VmEventSink):
+    """SIGINT and SIGTERM stop the VM cleanly (status 128+signal) instead of killing us."""
+    def handler(signum: int, frame: object) -> None:
+        events.report(VmEvent.STOPPED, 128 + signum,
+                      f"stopped by {signal.Signals(signum).name}")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _kernel_path(config: VmConfig) -> Path:
+    if config.kernel is not None:
+        return config.kernel
+    from vmmcore.guests import guest_path
+
+    return guest_path("demo")
+
+
+def _create_vm(kvm: Kvm, stack: contextlib.ExitStack) -> Vm:
+    """A VM with KVM's x86 prerequisites and the in-kernel PIC/IOAPIC/LAPIC and PIT."""
+    for cap, name in ((lib.KVM_CAP_IRQCHIP, "an in-kernel irqchip"),
+                      (lib.KVM_CAP_IRQFD, "irqfd"),
+                      (lib.KVM_CAP_IOEVENTFD, "ioeventfd"),
+                      (lib.KVM_CAP_USER_MEMORY, "user memory regions")):
+        kvm.require(cap, name)
+    vm = kvm.create_vm()
+    stack.callback(vm.close)
+    vm.set_tss_addr(layout.TSS_ADDR)
+    vm.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
+    vm.create_irqchip()
+    vm.create_pit2()
+    return vm
+
+
+def _create_memory(vm: Vm, mem_size: int, stack: contextlib.ExitStack) -> GuestMemory:
+    mem = GuestMemory(layout.ram_ranges(mem_size))
+    stack.callback(mem.close)
+    for region in mem.regions:
+        vm.add_memory_region(region.guest_addr, region.size, mem.host_address(region))
+    return mem
+
+
+def _add_legacy_devices(inst: VmInstance) -> None:
+    """Serial ports, i8042, CMOS/RTC, ACPI PM and the debug exit port."""
+    mem_size = inst.config.mem_mib * MiB
+    for port, serial in create_serial_devices(inst.config.serial, inst.irq_interrupt,
+                                              inst.stack):
+        inst.add_io_device(serial, port, 8)
+    inst.add_io_device(I8042(inst.events), layout.I8042_PORT, 5)
+    inst.add_io_device(Cmos(mem_size), layout.CMOS_PORT, 2)
+    inst.add_io_device(AcpiPmDevice(inst.events, inst.irq_interrupt(layout.SCI_IRQ)),
+                       layout.ACPI_PM_BASE, layout.ACPI_PM_SIZE)
+    inst.add_io_device(DebugExit(inst.events), layout.DEBUG_EXIT_PORT, 4)
+
+
+def build_vm(config: VmConfig, kvm: Kvm | None = None) -> VmInstance:
+    """Everything of a VM but running it; raises (having cleaned up) on any failure."""
+    stack = contextlib.ExitStack()
+    try:
+        if kvm is None:
+            kvm = Kvm(str(config.kvm_device))
+            stack.callback(kvm.close)
+        if config.cpus > kvm.max_vcpus():
+            raise ConfigError(f"--cpus {config.cpus}: this KVM allows at most "
+                              f"{kvm.max_vcpus()} vCPUs")
+        mem_size = config.mem_mib * MiB
+        vm = _create_vm(kvm, stack)
+        mem = _create_memory(vm, mem_size, stack)
+        kernel = load_kernel(mem, _kernel_path(config), config.cmdline, config.initrd,
+                             mem_size)
+        inst = VmInstance(config, kvm, vm, mem, Bus("io"), Bus("mmio"), VmEventSink(),
+                          kernel, stack=stack)
+        _add_legacy_devices(inst)
+        build_acpi_tables(mem, config.cpus)
+        _create_vcpus(inst)
+        return inst
+    except BaseException:
+        stack.close()
+        raise
+
+
+def _create_vcpus(inst: VmInstance) -> None:
+    supported = inst.kvm.supported_cpuid()
+    long_mode = setup_long_mode(inst.mem)
+    for vcpu_id in range(inst.config.cpus):
+        vcpu = inst.vm.create_vcpu(vcpu_id)
+        inst.stack.callback(vcpu.close)
+        boot = (long_mode, boot_regs(inst.kernel)) if vcpu_id == 0 else None
+        configure_vcpu(vcpu, supported, inst.config.cpus, boot)
+        inst.loops.append(VcpuRunLoop(vcpu, inst.io_bus, inst.mmio_bus, inst.events))
