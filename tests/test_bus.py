@@ -67,7 +67,7 @@ def test_lookup_over_many_ranges():
     devs = [Recorder(str(i)) for i in range(200)]
     for i, d in enumerate(devs):
         bus.insert(d, i * 0x1000, 0x800)
-    for i, d in enumerate(devs):
+    for i in range(len(devs)):
         assert bus.lookup(i * 0x1000 + 0x7FF) == (bus.lookup(i * 0x1000)[0], 0x7FF)
         assert bus.lookup(i * 0x1000 + 0x800) is None
 

@@ -9,6 +9,7 @@ every other vCPU out of KVM_RUN with immediate_exit plus a signal.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -70,10 +71,8 @@ class VcpuRunLoop:
         self.vcpu.set_immediate_exit(True)
         ident = self.thread.ident
         if ident is not None and self.thread.is_alive():
-            try:
+            with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pthread_kill(ident, KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass
 
     def join(self, timeout: float | None = None) -> bool:
         self.thread.join(timeout)
