@@ -31,6 +31,7 @@ Nothing here asserts speed; it prints numbers and ratios for people to read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import os
@@ -321,6 +322,29 @@ def print_table(title: str, rows: list[tuple[Guest, Sample, Sample, Sample]], at
               f"{fv:>9.0f}  {guest.what}")
 
 
+@contextlib.contextmanager
+def busy_thread(enabled: bool):
+    """A pure-Python spinning thread for the duration, when enabled: it takes the GIL
+    whenever the vCPU thread drops it for KVM_RUN, and the vCPU thread must then wait for
+    the interpreter's switch interval to get it back after every exit."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+
+    thread = threading.Thread(target=spin, name="busy", daemon=True)
+    if enabled:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if enabled:
+            thread.join()
+
+
 # -- main -------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default=",".join(KINDS),
                         help=f"comma-separated subset of {','.join(KINDS)}")
     parser.add_argument("--cc", default=os.environ.get("CC", "gcc"), help="C compiler")
+    parser.add_argument("--busy-thread", action="store_true",
+                        help="keep a CPU-bound Python thread running in this process during "
+                             "the runs (GIL contention, as a busy in-process device thread "
+                             "would cause); use a small --exits, each exit then costs ~ms")
     parser.add_argument("--profile", metavar="KIND",
                         help="instead of the table, cProfile the vmm path for one kind")
     args = parser.parse_args(argv)
@@ -360,10 +388,15 @@ def main(argv: list[str] | None = None) -> int:
             exe = build_c_loop(tmp, args.cc)
             print(f"exit round trip: {args.exits} exits per run, median of {args.repeats} "
                   f"runs; python {sys.version.split()[0]}, kernel {os.uname().release}")
+            if args.busy_thread:
+                print("with a CPU-bound Python thread running beside the vCPU thread "
+                      f"(sys.getswitchinterval() = {sys.getswitchinterval() * 1e3:g} ms)")
             rows = []
-            for kind in kinds:
-                guest = by_kind[kind]
-                rows.append((guest, *measure(harness, exe, guest, args.exits, args.repeats)))
+            with busy_thread(args.busy_thread):
+                for kind in kinds:
+                    guest = by_kind[kind]
+                    rows.append((guest, *measure(harness, exe, guest, args.exits,
+                                                 args.repeats)))
             print()
             print_table("wall clock per exit (CLOCK_MONOTONIC, first KVM_RUN to HLT), ns",
                         rows, "wall")
