@@ -136,6 +136,8 @@ def test_kvm_permission_error_is_clear(tmp_path):
     (["-c", "0"], "--cpus"),
     (["-m", "1"], "--mem"),
     (["/no/such/kernel"], "no such file"),
+    (["--serial", "type=bogus"], "invalid type"),
+    (["--serial", "type=file"], "path"),
 ])
 def test_bad_run_options_exit_2(args, message):
     result = vmm("run", *args)

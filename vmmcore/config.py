@@ -51,6 +51,9 @@ class VmConfig:
                 raise ConfigError(f"{what} {path}: no such file")
         if self.initrd is not None and self.kernel is None:
             raise ConfigError("--initrd needs a kernel")
+        from vmmcore.devices.serial_backends import validate_serial_specs
+
+        validate_serial_specs(self.serial)
 
     @property
     def cmdline(self) -> str:

@@ -25,10 +25,10 @@ from vmmcore.devices.acpi_pm import AcpiPmDevice
 from vmmcore.devices.cmos import Cmos
 from vmmcore.devices.debug_exit import DebugExit
 from vmmcore.devices.i8042 import I8042
-from vmmcore.devices.serial_backends import create_serial_devices
+from vmmcore.devices.serial_backends import SerialDevices, create_serial_devices
 from vmmcore.errors import ConfigError
 from vmmcore.eventfd import EventFd
-from vmmcore.interrupts import IrqFdInterrupt
+from vmmcore.interrupts import CallbackInterrupt, IrqFdInterrupt
 from vmmcore.kvm import Kvm, Vm
 from vmmcore.kvm.run_loop import VcpuRunLoop, install_kick_handler
 from vmmcore.kvm.sys import lib
@@ -52,7 +52,8 @@ class VmInstance:
     io_bus: Bus
     mmio_bus: Bus
     events: VmEventSink
-    kernel: LoadedKernel
+    kernel: LoadedKernel | None = None
+    serials: SerialDevices | None = None
     loops: list[VcpuRunLoop] = field(default_factory=list)
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
@@ -70,6 +71,8 @@ class VmInstance:
         install_kick_handler()
         self.events.add_listener(lambda _exit: self._kick_all())
         with _stop_on_signals(self.events):
+            if self.serials is not None:
+                self.serials.start_input()
             for loop in self.loops:
                 loop.start()
             vm_exit = self.events.wait()
@@ -137,13 +140,17 @@ def _create_memory(vm: Vm, mem_size: int, stack: contextlib.ExitStack) -> GuestM
 def _add_legacy_devices(inst: VmInstance) -> None:
     """Serial ports, i8042, CMOS/RTC, ACPI PM and the debug exit port."""
     mem_size = inst.config.mem_mib * MiB
-    for port, serial in create_serial_devices(inst.config.serial, inst.irq_interrupt,
-                                              inst.stack):
+    # Input threads (and a raw terminal) start only when the VM runs.
+    inst.serials = create_serial_devices(inst.config.serial, inst.irq_interrupt, inst.stack,
+                                         start_input=False)
+    for port, serial in inst.serials:
         inst.add_io_device(serial, port, 8)
     inst.add_io_device(I8042(inst.events), layout.I8042_PORT, 5)
     inst.add_io_device(Cmos(mem_size), layout.CMOS_PORT, 2)
-    inst.add_io_device(AcpiPmDevice(inst.events, inst.irq_interrupt(layout.SCI_IRQ)),
-                       layout.ACPI_PM_BASE, layout.ACPI_PM_SIZE)
+    # The SCI is level-triggered (MADT override), so drive the line, not an irqfd pulse.
+    sci = CallbackInterrupt(lambda level: inst.vm.set_irq_line(layout.SCI_IRQ, level))
+    inst.add_io_device(AcpiPmDevice(inst.events, sci), layout.ACPI_PM_BASE,
+                       layout.ACPI_PM_SIZE)
     inst.add_io_device(DebugExit(inst.events), layout.DEBUG_EXIT_PORT, 4)
 
 
@@ -160,11 +167,12 @@ def build_vm(config: VmConfig, kvm: Kvm | None = None) -> VmInstance:
         mem_size = config.mem_mib * MiB
         vm = _create_vm(kvm, stack)
         mem = _create_memory(vm, mem_size, stack)
-        kernel = load_kernel(mem, _kernel_path(config), config.cmdline, config.initrd,
-                             mem_size)
         inst = VmInstance(config, kvm, vm, mem, Bus("io"), Bus("mmio"), VmEventSink(),
-                          kernel, stack=stack)
+                          stack=stack)
         _add_legacy_devices(inst)
+        # console=/earlycon= from --serial first, so the user's -p can override them.
+        cmdline = " ".join([*inst.serials.kernel_params(), config.cmdline]).strip()
+        inst.kernel = load_kernel(mem, _kernel_path(config), cmdline, config.initrd, mem_size)
         build_acpi_tables(mem, config.cpus)
         _create_vcpus(inst)
         return inst
@@ -179,6 +187,6 @@ def _create_vcpus(inst: VmInstance) -> None:
     for vcpu_id in range(inst.config.cpus):
         vcpu = inst.vm.create_vcpu(vcpu_id)
         inst.stack.callback(vcpu.close)
-        boot = (long_mode, boot_regs(inst.kernel)) if vcpu_id == 0 else None
+        boot = (long_mode, boot_regs(inst.kernel)) if vcpu_id == 0 and inst.kernel else None
         configure_vcpu(vcpu, supported, inst.config.cpus, boot)
         inst.loops.append(VcpuRunLoop(vcpu, inst.io_bus, inst.mmio_bus, inst.events))
