@@ -180,6 +180,23 @@ def test_pci_host_bridge_windows_follow_the_layout(mem):
     assert layout.PCI_IO_START >= 0xD00 and layout.PCI_IO_START + layout.PCI_IO_SIZE <= 0x10000
 
 
+def test_prt_repeats_the_pci_intx_wiring(mem):
+    from vmmcore.pci.intx import intx_gsi, prt_entries
+
+    acpi.build_acpi_tables(mem, 1)
+    d = read_all(mem)[b"DSDT"]
+    entries = prt_entries()
+    assert len(entries) == 31 * 4
+    assert aml.name("_PRT", aml.package([aml.package([a, p, 0, g]) for a, p, g in entries])) in d
+    assert aml.package([(3 << 16) | 0xFFFF, 1, 0, intx_gsi(3, 2)]) in d
+
+
+def test_custom_prt(mem):
+    acpi.build_acpi_tables(mem, 1, prt=[(0x1FFFF, 0, 16)])
+    d = read_all(mem)[b"DSDT"]
+    assert aml.name("_PRT", aml.package([aml.package([0x1FFFF, 0, 0, 16])])) in d
+
+
 def test_no_host_bridge_when_asked(mem):
     acpi.build_acpi_tables(mem, 1, pci=False)
     assert b"PCI0" not in read_all(mem)[b"DSDT"]
@@ -279,6 +296,7 @@ def test_iasl_recompiles_our_dsdt_to_the_same_aml(tables, tmp_path):
     dsl = (tmp_path / "dsdt.dsl").read_text()
     assert "Name (_S5, Package (0x04)" in dsl
     assert 'EisaId ("PNP0A08")' in dsl
+    assert "Name (_PRT, Package (0x7C)" in dsl
     out = iasl(["-oa", "-p", "again", "dsdt.dsl"], tmp_path)
     assert " 0 Errors" in out, out
     again = (tmp_path / "again.aml").read_bytes()

@@ -12,8 +12,9 @@ boundaries (no EFI needed). What each table is for:
   SMI_CMD = 0 means "always in ACPI mode"; IAPC_BOOT_ARCH says an 8042 and legacy
   devices exist (i8042, serial, CMOS).
 * DSDT: \\_S5_ = {S5_SLP_TYP, S5_SLP_TYP, 0, 0}, so `poweroff` writes SLP_TYP|SLP_EN to
-  PM1a_CNT; and the PCI host bridge \\_SB.PCI0 with its bus range and I/O and memory
-  windows: with ACPI on, Linux finds PCI root buses only through the DSDT.
+  PM1a_CNT; and the PCI host bridge \\_SB.PCI0 with its bus range, I/O and memory
+  windows and INTx routing (_PRT): with ACPI on, Linux finds PCI root buses only through
+  the DSDT.
 * MCFG (when an ECAM window is given): the PCIe enhanced configuration space. The window
   is also e820-reserved (boot_params.DEFAULT_RESERVED), which Linux insists on.
 
@@ -23,7 +24,7 @@ Every table checksum sums to zero; all tables lie in [ACPI_ADDR, ACPI_ADDR+ACPI_
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from vmmcore.arch.x86_64 import aml, layout
 from vmmcore.errors import VmmError
@@ -143,8 +144,19 @@ def facs() -> bytes:
     return bytes(raw)
 
 
-def pci_host_bridge(ecam: tuple[int, int, int, int] | None, mem_size: int) -> bytes:
-    r"""\_SB.PCI0: PNP0A08/PNP0A03 with bus range and the windows the allocator hands out."""
+def pci_routing_table(prt: Sequence[tuple[int, int, int]]) -> bytes:
+    """_PRT: Package {Address, Pin, Zero, GSI} per (address, pin, gsi); GSI mode (Source 0)."""
+    return aml.name("_PRT", aml.package([aml.package([addr, pin, 0, gsi])
+                                         for addr, pin, gsi in prt]))
+
+
+def pci_host_bridge(ecam: tuple[int, int, int, int] | None, mem_size: int,
+                    prt: Sequence[tuple[int, int, int]]) -> bytes:
+    r"""\_SB.PCI0: PNP0A08/PNP0A03 with bus range and the windows the allocator hands out.
+
+    _PRT repeats the INTx wiring of vmmcore.pci.intx (pins swizzled onto GSIs 16-19), so
+    Linux routes a device's INTx without guessing from the Interrupt Line register.
+    """
     segment, first_bus, last_bus = (ecam[1], ecam[2], ecam[3]) if ecam else (0, 0, 0xFF)
     resources = [
         aml.word_bus_number(first_bus, last_bus),
@@ -161,13 +173,17 @@ def pci_host_bridge(ecam: tuple[int, int, int, int] | None, mem_size: int) -> by
         aml.name("_UID", segment),
         aml.name("_BBN", first_bus),
         aml.name("_CRS", aml.resource_template(resources)),
+        pci_routing_table(prt),
     ])
 
 
-def dsdt(ecam: tuple[int, int, int, int] | None, mem_size: int, *, pci: bool = True) -> bytes:
-    r"""DSDT (revision 2, so integers are 64-bit): \_S5_ and the PCI host bridge."""
+def dsdt(ecam: tuple[int, int, int, int] | None, mem_size: int,
+         prt: Sequence[tuple[int, int, int]] | None) -> bytes:
+    r"""DSDT (revision 2, so integers are 64-bit): \_S5_ and, given a _PRT, the host bridge."""
     s5 = aml.name("_S5_", aml.package([layout.S5_SLP_TYP, layout.S5_SLP_TYP, 0, 0]))
-    sb = [aml.scope("\\_SB_", [pci_host_bridge(ecam, mem_size)])] if pci else []
+    sb = []
+    if prt is not None:
+        sb = [aml.scope("\\_SB_", [pci_host_bridge(ecam, mem_size, prt)])]
     return sdt(b"DSDT", 2, s5 + b"".join(sb))
 
 
@@ -214,13 +230,19 @@ class _Area:
 
 def build_acpi_tables(mem: GuestMemory, num_cpus: int, *,
                       ecam: tuple[int, int, int, int] | None = None,
-                      pci: bool = True) -> int:
+                      pci: bool = True,
+                      prt: Sequence[tuple[int, int, int]] | None = None) -> int:
     """Write all ACPI tables at layout.ACPI_ADDR; return the RSDP's guest address.
 
     ecam = (base, segment, start_bus, end_bus) adds an MCFG and sets the PCI host
     bridge's segment and bus range. pci=False leaves the host bridge out of the DSDT
-    (for a VM without a PCI root).
+    (for a VM without a PCI root). prt lists the INTx routes (address, pin, gsi); by default
+    vmmcore.pci.intx.prt_entries(), the wiring the PCI root really uses.
     """
+    if pci and prt is None:
+        from vmmcore.pci.intx import prt_entries  # local: the PCI package is optional here
+
+        prt = prt_entries()
     if not 1 <= num_cpus <= 255:
         raise AcpiError(f"{num_cpus} vCPUs: the MADT holds xAPIC ids 0..254")
     if ecam is not None:
@@ -228,7 +250,7 @@ def build_acpi_tables(mem: GuestMemory, num_cpus: int, *,
     area = _Area()
     rsdp_addr = area.place(bytes(RSDP_SIZE))          # reserve; filled in last
     facs_addr = area.place(facs(), 64)                 # the FACS must be 64-byte aligned
-    dsdt_addr = area.place(dsdt(ecam, mem.size, pci=pci))
+    dsdt_addr = area.place(dsdt(ecam, mem.size, prt if pci else None))
     tables = [area.place(fadt(dsdt_addr, facs_addr)), area.place(madt(num_cpus))]
     if ecam is not None:
         tables.append(area.place(mcfg(ecam)))
