@@ -14,6 +14,7 @@ which raises KernelUnavailable with the reason; the fixture turns that into a sk
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -43,6 +44,28 @@ class DebianKernel:
     def modules_dir(self) -> Path:
         """lib/modules/<release>, for tests that build an initramfs with modules."""
         return self.root / "lib" / "modules" / self.release
+
+    def vmlinux(self) -> Path:
+        """The uncompressed ELF vmlinux, cut out of the bzImage once and cached beside it.
+
+        The extraction itself is tests/e2e/images.py's (same cache path), not repeated here.
+        """
+        out = self.root / f"vmlinux-{self.release}"
+        if not out.exists():
+            spec = importlib.util.spec_from_file_location(
+                "_vmm_e2e_images", Path(__file__).parent / "e2e" / "images.py")
+            if spec is None or spec.loader is None:
+                raise KernelUnavailable("tests/e2e/images.py is missing")
+            images = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(images)
+            try:
+                data = images.extract_vmlinux(self.vmlinuz.read_bytes())
+            except (ValueError, OSError, subprocess.CalledProcessError) as e:
+                raise KernelUnavailable(f"cannot extract vmlinux: {e}") from e
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            tmp.rename(out)
+        return out
 
 
 def cache_dir() -> Path:

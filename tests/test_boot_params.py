@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from debian_kernel import debian_kernel  # noqa: F401 - pytest fixture
+from debian_kernel import KernelUnavailable, debian_kernel  # noqa: F401 - pytest fixture
 
 from vmmcore.arch.x86_64 import boot_params as bp
 from vmmcore.arch.x86_64 import layout
@@ -189,3 +189,29 @@ def test_debian_truncated_images_are_refused(debian_kernel, mem512, tmp_path):  
         p.write_bytes(data[:n])
         with pytest.raises(bp.KernelLoadError):
             load_kernel(mem512, p, "", None, 512 * MiB)
+
+
+def test_debian_vmlinux_elf_loads_at_its_physical_addresses(debian_kernel, tmp_path):  # noqa: F811
+    """The uncompressed vmlinux: e_entry is phys_startup_64, segments at p_paddr."""
+    try:
+        vmlinux = debian_kernel.vmlinux()
+    except KernelUnavailable as e:
+        pytest.skip(str(e))
+    head = vmlinux.read_bytes()[:4096]
+    e_entry, e_phoff = struct.unpack_from("<QQ", head, 24)
+    phnum = struct.unpack_from("<H", head, 56)[0]
+    loads = [struct.unpack_from("<IIQQQQQQ", head, e_phoff + i * 56) for i in range(phnum)]
+    loads = [p for p in loads if p[0] == 1]
+    with GuestMemory(layout.ram_ranges(256 * MiB)) as m:
+        k = load_kernel(m, vmlinux, "console=ttyS0", None, 256 * MiB)
+        assert k.kind == "elf"
+        assert k.entry == e_entry < 1 << 32                    # already physical
+        assert k.kernel_end == max(p[4] + p[6] for p in loads + [(0,) * 8]) + 0xFFF & ~0xFFF
+        with vmlinux.open("rb") as f:
+            for _t, _fl, off, _va, pa, filesz, _ms, _al in loads:
+                f.seek(off)
+                n = min(filesz, 4096)
+                assert m.read(pa, n) == f.read(n)
+        zp = m.read(layout.ZERO_PAGE_ADDR, 4096)
+        check_e820_sane(bp.parse_e820(zp), 256 * MiB)
+        assert u32(zp, bp.HDR_CMD_LINE_PTR) == layout.CMDLINE_ADDR
