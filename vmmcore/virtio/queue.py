@@ -231,6 +231,12 @@ class Queue:
                 raise VirtqueueError(
                     f"{name} {addr:#x}+{length:#x} is outside guest RAM")
 
+    def restore_indices(self, next_avail: int, next_used: int) -> None:
+        """Set the ring cursors (snapshot restore; tests starting near 65535)."""
+        self.next_avail = next_avail & 0xFFFF
+        self.next_used = self._signalled_used = next_used & 0xFFFF
+        self._unsignalled = 0
+
     def is_valid(self, mem: GuestMemory) -> bool:
         """True when validate() would pass."""
         try:
