@@ -15,7 +15,7 @@ Two ways to extend vmm, both found through entry points (see docs/plugins.md):
 Every hook is called by the core with keyword arguments; an implementation may accept
 any subset of them (pluggy matches by name).  The order of calls for one VM:
 
-    vmm_cli_options            when `vmm run` builds its options (see its note)
+    vmm_cli_options            when `vmm run` builds its options (not called yet)
     vmm_configure              after the command line is parsed and validated
     vmm_kernel_cmdline         while the kernel command line is assembled
     vmm_vm_created             guest memory and the address allocator exist, no device yet
@@ -53,9 +53,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def vmm_cli_options(command: str) -> list[Any]:
     """Return extra click options (``click.Option`` objects) for the command ``command``.
 
-    Note: `vmm --help` never loads plugins, so these options appear only once the
-    command runs with plugins loaded; use them for expert knobs, and prefer a device's
-    own option schema (``--device NAME:key=value``) for device settings.
+    Not called yet: `vmm --help` must not load plugins, so the CLI needs a lazily
+    built `run` command before it can offer plugin options.  Until then, and for
+    device settings always, use the device's option schema (``--device NAME:key=value``).
     """
 
 
