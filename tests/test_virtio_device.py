@@ -150,8 +150,8 @@ def test_rng_like_device_over_intx():
         rig.activate()
         rig.driver.add([], [32])
         rig.driver.kick()
-        for _ in range(500):
-            if rig.driver.used_idx():
+        for _ in range(500):  # the INTx line is raised after the used entry is published
+            if rig.intx_levels:
                 break
             threading.Event().wait(0.01)
         [used] = rig.driver.get_used()
