@@ -384,3 +384,38 @@ def test_a_lying_device_cannot_map_outside_the_windows(env, caplog):
         env.cf8.write(0, 1, 0, 0x04, 0x2, 2)
     assert env.root.mapped_ranges(1) == []
     assert env.mmio_bus.read(0, 4) is None
+
+
+def test_build_pci_root_wires_kvm_through_the_vm():
+    class FakeVm:
+        def __init__(self):
+            self.calls = []
+
+        def set_gsi_routing(self, routes):
+            self.calls.append(("routing", len(routes)))
+
+        def register_irqfd(self, evt, gsi, resample=None):
+            self.calls.append(("irqfd", gsi, resample is not None))
+
+        def unregister_irqfd(self, evt, gsi):
+            self.calls.append(("unirqfd", gsi))
+
+        def register_ioeventfd(self, evt, addr, length=0, *, datamatch=None, pio=False):
+            self.calls.append(("ioeventfd", addr, length, datamatch, pio))
+
+        def unregister_ioeventfd(self, evt, addr, length=0, *, datamatch=None, pio=False):
+            self.calls.append(("unioeventfd", addr))
+
+    from vmmcore.pci.root import build_pci_root
+
+    vm, io_bus, mmio_bus = FakeVm(), Bus("io"), Bus("mmio")
+    root = build_pci_root(vm, io_bus, mmio_bus, layout.system_allocator(256 * MiB))
+    evt = EventFd()
+    dev = Dev(ioevents=[IoEventSpec(bar=0, offset=0, evt=evt, length=4)])
+    root.add_device(dev)
+    ConfigMech1(io_bus).write(0, 1, 0, 0x04, 0x2, 2)
+    assert ("irqfd", 17, True) in vm.calls
+    assert ("ioeventfd", dev.config.bar_address(0), 4, None, False) in vm.calls
+    root.close()
+    assert ("unirqfd", 17) in vm.calls and ("unioeventfd", dev.config.bar_address(0)) in vm.calls
+    evt.close()

@@ -27,7 +27,7 @@ from vmmcore.pci.device import (
 from vmmcore.pci.intx import PciIntx, intx_gsi, prt_entries
 from vmmcore.pci.irq import IoEventRegistrar, IrqRouter, KvmIrqRouter
 from vmmcore.pci.msix import MsixConfig
-from vmmcore.pci.root import PciConfigIo, PciConfigMmio, PciRoot
+from vmmcore.pci.root import PciConfigIo, PciConfigMmio, PciRoot, build_pci_root
 
 __all__ = [
     "BarKind", "BarRange", "BridgeSubclass", "DisplaySubclass", "MassStorageSubclass",
@@ -35,4 +35,5 @@ __all__ = [
     "PciConfiguration", "ConfiguredPciDevice", "ConfigWriteResult", "IoEventSpec",
     "PciAddress", "PciDevice", "PciIntx", "intx_gsi", "prt_entries", "IoEventRegistrar",
     "IrqRouter", "KvmIrqRouter", "MsixConfig", "PciConfigIo", "PciConfigMmio", "PciRoot",
+    "build_pci_root",
 ]

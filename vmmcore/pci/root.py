@@ -361,6 +361,19 @@ class PciRoot:
                 self.remove_device(dev_num)
 
 
+def build_pci_root(vm: object, io_bus: Bus, mmio_bus: Bus,
+                   allocator: SystemAllocator) -> PciRoot:
+    """The VMM's wiring: routes and irqfds through KvmIrqRouter(vm), doorbells through
+    vm's KVM_IOEVENTFD, mechanism 1 and ECAM mapped on the buses. Call after
+    Vm.create_irqchip() and before any vCPU runs; add devices, then start vCPUs."""
+    from vmmcore.pci.irq import KvmIrqRouter
+
+    root = PciRoot(io_bus, mmio_bus, allocator, irq_router=KvmIrqRouter(vm),
+                   ioevents=vm)  # type: ignore[arg-type]
+    root.install()
+    return root
+
+
 class PciConfigIo(BusDevice):
     """Configuration mechanism 1: CONFIG_ADDRESS at 0xcf8, CONFIG_DATA at 0xcfc-0xcff.
 
