@@ -2,6 +2,8 @@
 masking with pending bits, lazy route pushes, and the KVM routing table."""
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vmmcore.arch.x86_64 import layout
 from vmmcore.bus import Bus
@@ -260,3 +262,31 @@ def test_kvm_router_pushes_defaults_plus_every_msi_route():
     router.unregister_irqfd(evt, 24)
     assert vm.irqfds == []
     evt.close()
+
+_access = st.tuples(st.sampled_from(["cfg", "bar"]), st.integers(0, 0xFFF),
+                    st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, (1 << 64) - 1))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_access, max_size=80))
+def test_hostile_config_and_bar_traffic_never_raises(env, accesses):
+    """Random ECAM and BAR accesses of any size: the VMM neither raises nor maps a BAR
+    outside its windows, and MSI-X state stays self-consistent."""
+    for where, offset, size, value in accesses:
+        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        if where == "cfg":
+            addr = env.ecam.addr(0, 1, 0, offset)
+            env.mmio.write(addr, data)
+            assert len(env.mmio.read(addr, size)) == size
+        else:
+            for base in {env.dev.config.bar_address(0), env.bar}:
+                env.mmio.write(base + offset % 0x1000, data)
+                env.mmio.read(base + offset % 0x1000, size)
+        for v in range(NV):
+            env.msix.trigger(v)
+    low = (0xC000_0000, 0xE000_0000)
+    for r in env.mmio.ranges():
+        label = r.device.debug_label()
+        assert label == "pci-ecam" or low[0] <= r.base < low[1] or r.base >= 1 << 32
+    for v in range(NV):
+        assert not (env.msix.is_pending(v) and not env.msix.is_masked(v) and env.msix.enabled)
