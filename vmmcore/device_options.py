@@ -286,11 +286,14 @@ def collect_devices(args: DeviceArgs, registry: Registry | None = None,
     unknown key, bad value, missing required key, or -- once everything else is valid --
     a device whose model is not implemented yet.
     """
+    requests = _requests(args)
+    if not requests:
+        return []                       # no device asked for: no discovery at all
     if registry is None:
         from vmmcore.registry import get_registry
 
         registry = get_registry()
-    validated = [validate_device(registry, req) for req in _requests(args)]
+    validated = [validate_device(registry, req) for req in requests]
     if require_implemented:
         for config, rec in validated:
             if not rec.implemented:
