@@ -47,8 +47,9 @@ def list_plugins(as_json: bool, kind: str | None) -> None:
         click.echo(json.dumps([r.to_json() for r in records], indent=2))
         return
     if not records:
-        click.echo("no plugins installed (the plugins/ directory of the source tree has "
-                   "the standard ones: scripts/dev-install installs them)")
+        what = f"no {kind} plugins" if kind else "no plugins"
+        click.echo(f"{what} installed (the source tree's plugins/ directory has the "
+                   "standard ones: scripts/dev-install installs them)")
         return
     rows = [[r.name, r.kind, r.version or "?", r.distribution or "?", r.status,
              r.policy_path.name if r.policy_path else "-",
