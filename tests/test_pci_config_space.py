@@ -319,3 +319,13 @@ def test_random_writes_never_touch_read_only_bits(writes):
     # The BAR flag bits in particular never change.
     assert cfg.read_reg(4) & 0xF == 0 and cfg.read_reg(6) & 0xF == 0xC
     assert cfg.read_reg(8) & 0x3 == 1
+
+
+def test_io_bar_may_end_at_the_last_port_but_not_beyond():
+    cfg = make_config()
+    cfg.add_bar(0, 0x20, BarKind.IO)
+    write(cfg, 0x04, 0x1, 2)
+    write(cfg, 0x10, 0xFFE0, 4)
+    assert cfg.bar_ranges() == [BarRange(0, 0xFFE0, 0x20, BarKind.IO)]
+    write(cfg, 0x10, 0x1_0000, 4)
+    assert cfg.bar_ranges() == []

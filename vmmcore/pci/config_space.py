@@ -442,19 +442,21 @@ class PciConfiguration:
         A BAR is decoded when its space is enabled in the command register and its
         address is a real one: 0 is "unassigned", and an address whose last byte is the
         top of the BAR's address space is what a BAR holds during sizing (all-ones
-        written), which QEMU also treats as unmapped. Linux disables decode while it
+        written); IO BARs must also lie in the 64 KiB x86 port space. These are QEMU's
+        pci_bar_address rules. Linux disables decode while it
         sizes and while it rewrites 64-bit BARs, so half-written addresses are not
         normally seen here at all.
         """
         command = self.command
+        top_of = {BarKind.MEM32: U32, BarKind.MEM64: (1 << 64) - 1}
         ranges: list[BarRange] = []
         for bar in self.bars():
             enabled = COMMAND_IO_SPACE if bar.kind is BarKind.IO else COMMAND_MEMORY_SPACE
             if not command & enabled:
                 continue
             base = self.bar_address(bar.index)
-            top = {BarKind.IO: 0xFFFF, BarKind.MEM32: U32, BarKind.MEM64: (1 << 64) - 1}[bar.kind]
-            if base == 0 or base + bar.size - 1 >= top:
+            last = base + bar.size - 1
+            if base == 0 or (last > 0xFFFF if bar.kind is BarKind.IO else last >= top_of[bar.kind]):
                 continue
             ranges.append(BarRange(bar.index, base, bar.size, bar.kind, bar.prefetchable))
         return ranges

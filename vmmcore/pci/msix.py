@@ -233,6 +233,12 @@ class MsixConfig:
         with self._lock:
             return self._pending[v]
 
+    def clear_pending(self, v: int) -> None:
+        """The device's reason to interrupt went away while masked (PCI 3.0 6.8.2.9)."""
+        with self._lock:
+            if 0 <= v < self.num_vectors:
+                self._pending[v] = False
+
     def _deliverable(self, v: int) -> bool:
         return self.enabled and not self.function_masked and not (
             self._table[v][_CTRL] & MSIX_VECTOR_CONTROL_MASKED)
