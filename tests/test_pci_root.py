@@ -419,3 +419,19 @@ def test_build_pci_root_wires_kvm_through_the_vm():
     root.close()
     assert ("unirqfd", 17) in vm.calls and ("unioeventfd", dev.config.bar_address(0)) in vm.calls
     evt.close()
+
+
+def test_a_device_that_does_not_fit_takes_nothing():
+    allocator = layout.system_allocator(256 * MiB)
+    root = PciRoot(Bus("io"), Bus("mmio"), allocator, irq_router=FakeIrqRouter())
+
+    class Huge(Dev):
+        def __init__(self):
+            super().__init__("huge")
+            self.config.add_bar(1, 1 << 31, BarKind.MEM32)     # larger than the 32-bit pool
+
+    with pytest.raises(AllocationError):
+        root.add_device(Huge())
+    assert allocator.low_mmio.allocations() == [] and allocator.io.allocations() == []
+    assert 1 not in allocator.pci_devices.in_use()
+    assert root.add_device(Dev()) == PciAddress(0, 1)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from vmmcore.allocator import SystemAllocator
 from vmmcore.errors import AllocationError
 from vmmcore.eventfd import EventFd
-from vmmcore.pci.config_space import BarKind, BarRange, PciConfiguration
+from vmmcore.pci.config_space import BarKind, BarRange, PciBar, PciConfiguration
 from vmmcore.pci.intx import PciIntx
 from vmmcore.pci.irq import IrqRouter
 from vmmcore.pci.msix import MsixConfig
@@ -199,22 +199,33 @@ class ConfiguredPciDevice(PciDevice):
         64-bit BARs fall back to the high pool when the low one is full: Linux can use
         either as long as the host bridge's _CRS announces both windows.
         """
-        ranges = []
-        for bar in self.config.bars():
-            tag = f"{self._label} BAR{bar.index}"
-            if bar.kind is BarKind.IO:
-                base = allocator.io.allocate(bar.size, tag, bar.size)
-            else:
-                try:
-                    base = allocator.allocate_mmio(bar.size, tag, align=max(bar.size, 4096))
-                except AllocationError:
-                    if bar.kind is not BarKind.MEM64:
-                        raise
-                    base = allocator.allocate_mmio(bar.size, tag, align=max(bar.size, 4096),
-                                                   prefer_high=True)
-            self.config.set_bar_address(bar.index, base)
-            ranges.append(BarRange(bar.index, base, bar.size, bar.kind, bar.prefetchable))
+        ranges: list[BarRange] = []
+        try:
+            for bar in self.config.bars():
+                ranges.append(self._allocate_bar(allocator, bar))
+        except AllocationError:
+            for r in ranges:      # give back what this call took, then report
+                pool = allocator.io if r.is_io else (
+                    allocator.high_mmio if r.base >= allocator.high_mmio.base
+                    else allocator.low_mmio)
+                pool.release(r.base)
+            raise
         return ranges
+
+    def _allocate_bar(self, allocator: SystemAllocator, bar: PciBar) -> BarRange:
+        tag = f"{self._label} BAR{bar.index}"
+        if bar.kind is BarKind.IO:
+            base = allocator.io.allocate(bar.size, tag, bar.size)
+        else:
+            align = max(bar.size, 4096)
+            try:
+                base = allocator.allocate_mmio(bar.size, tag, align=align)
+            except AllocationError:
+                if bar.kind is not BarKind.MEM64:
+                    raise
+                base = allocator.allocate_mmio(bar.size, tag, align=align, prefer_high=True)
+        self.config.set_bar_address(bar.index, base)
+        return BarRange(bar.index, base, bar.size, bar.kind, bar.prefetchable)
 
     def read_bar(self, bar: int, offset: int, size: int) -> bytes:
         if self.msix is not None:
