@@ -83,6 +83,9 @@ class VirtioInterrupt:
         self.config_vector = VIRTIO_MSI_NO_VECTOR
         self.needs_reset = False
         self.needs_reset_reason = ""
+        #: INTx resample (fd, handler): KVM signals fd at EOI; the device worker polls it
+        #: and calls handler, which re-asserts the line while the ISR is still pending.
+        self.resample: tuple[int, Callable[[], None]] | None = None
         self._isr = 0
         self._lock = threading.Lock()
 
@@ -118,6 +121,10 @@ class VirtioInterrupt:
         if value and self.intx is not None:
             self.intx.set_level(False)
         return value
+
+    def poll_fds(self) -> dict[int, Callable[[], None]]:
+        """Fds the device's worker must also wait on for the interrupt path to work."""
+        return dict([self.resample]) if self.resample is not None else {}
 
     def set_needs_reset(self, reason: str) -> None:
         """Enter DEVICE_NEEDS_RESET: call the transport's hook, then a config interrupt.
@@ -244,6 +251,8 @@ class VirtioDevice:
     queue_max_sizes: ClassVar[tuple[int, ...]] = ()
     #: Device-specific feature bits (the transport adds VERSION_1 and the ring features).
     device_features: int = 0
+    #: Bump (mod 256) whenever the config space changes, so the driver re-reads it.
+    config_generation: int = 0
 
     def __init__(self) -> None:
         self.acked_features = 0
@@ -298,8 +307,9 @@ class VirtioDevice:
     def start_worker(self, extra: Mapping[int, Callable[[], None]] | None = None) -> None:
         """Start a VirtioWorker calling self.handle_queue for this device's queues."""
         assert self.interrupt is not None, "activate() first"
+        fds = {**self.interrupt.poll_fds(), **(extra or {})}
         self.worker = VirtioWorker(self.name, self.queue_evts, self.handle_queue,
-                                   self.interrupt, extra)
+                                   self.interrupt, fds)
         self.worker.start()
 
     def handle_queue(self, index: int) -> None:
