@@ -19,6 +19,7 @@ The level-1 protocol (the /init is in images.py):
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -85,7 +86,8 @@ def has_direct_kvm() -> bool:
 
 def missing_tools() -> list[str]:
     """Host tools the nested path needs that are not installed (scripts/e2e-setup)."""
-    need = {"qemu-system-x86_64": "qemu-system-x86", "apt-get": "apt", "dpkg-deb": "dpkg"}
+    need = {"qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils",
+            "apt-get": "apt", "dpkg-deb": "dpkg"}
     missing = [pkg for tool, pkg in need.items() if shutil.which(tool) is None]
     if not images.BUSYBOX.exists():
         missing.append("busybox-static")
@@ -129,6 +131,36 @@ def vmm_linux_boot_missing() -> str | None:
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"probing `vmm run` failed: {e}"
     return None
+
+
+_plugins: dict[str, dict] | None = None
+
+
+def vmm_plugin_missing(*names: str) -> str | None:
+    """Why the named plugins cannot be used yet (absent, broken, not implemented), or None.
+
+    Reads ``vmm plugins list --json`` once per process. A plugin counts as usable when it is
+    listed with ``"implemented": true`` and no ``error``.
+    """
+    global _plugins
+    if _plugins is None:
+        try:
+            r = subprocess.run([sys.executable, "-m", "vmmcore.cli", "plugins", "list", "--json"],
+                               cwd=REPO, capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "PYTHONPATH": _pythonpath()})
+            _plugins = {p["name"]: p for p in json.loads(r.stdout)} if r.returncode == 0 else {}
+        except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, TypeError):
+            _plugins = {}
+    why = []
+    for n in names:
+        p = _plugins.get(n)
+        if p is None:
+            why.append(f"plugin {n} is not installed")
+        elif p.get("error"):
+            why.append(f"plugin {n} is broken: {p['error']}")
+        elif not p.get("implemented", p.get("status") == "ok"):
+            why.append(f"plugin {n}: {p.get('status', 'not usable')}")
+    return "; ".join(why) or None
 
 
 def _pythonpath() -> str:
@@ -204,8 +236,14 @@ def _run_script(command: list[str] | str, cwd: str, env: dict[str, str]) -> str:
 
 
 def qemu_level1_argv(kernel: Path, initrd: Path, workdir: Path, mem_mib: int = 2048,
-                     smp: int = 1, append: str = LEVEL1_APPEND) -> list[str]:
-    """The measured level-1 recipe of DESIGN.md, plus the read-write work share."""
+                     smp: int = 1, append: str = LEVEL1_APPEND,
+                     rw_dirs: list[str] = ()) -> list[str]:
+    """The measured level-1 recipe of DESIGN.md, plus the read-write work share and one
+    read-write share per ``rw_dirs`` entry (tag e2erwN)."""
+    extra: list[str] = []
+    for n, d in enumerate(rw_dirs):
+        extra += ["-fsdev", f"local,id=rw{n},path={d},security_model=none,multidevs=remap",
+                  "-device", f"virtio-9p-pci,fsdev=rw{n},mount_tag=e2erw{n}"]
     return [
         "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm",
         "-m", str(mem_mib), "-smp", str(smp), "-nographic", "-no-reboot",
@@ -215,14 +253,15 @@ def qemu_level1_argv(kernel: Path, initrd: Path, workdir: Path, mem_mib: int = 2
         "-device", "virtio-9p-pci,fsdev=hr,mount_tag=hostroot",
         "-fsdev", f"local,id=wk,path={workdir},security_model=none,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=wk,mount_tag=e2ework",
+        *extra,
         "-append", append,
     ]
 
 
 def run_level1(command: list[str] | str, timeout: float = DEFAULT_LEVEL1_TIMEOUT, *,
                cwd: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None,
-               binds: list[str] = (), keep_workdir: bool | None = None,
-               echo: bool | None = None) -> Level1Result:
+               binds: list[str] = (), rw_dirs: list[str | os.PathLike[str]] = (),
+               keep_workdir: bool | None = None, echo: bool | None = None) -> Level1Result:
     """Boot a level-1 host in QEMU TCG, run ``command`` (argv list, or a shell snippet)
     inside its chroot of this host's root, and return its exit status and output.
 
@@ -230,6 +269,8 @@ def run_level1(command: list[str] | str, timeout: float = DEFAULT_LEVEL1_TIMEOUT
     PYTHONPATH with the checkout. QEMU is killed (its whole process group) after ``timeout``
     seconds; the result then has ``timed_out`` and ``status is None``. Host paths under /tmp
     or /run among cwd, the command's arguments and ``binds`` are bind-mounted into level 1.
+    Each directory in ``rw_dirs`` is shared read-write, at the same path (for disk images
+    that `vmm run` writes and the host checks afterwards).
     The work directory is kept for a failed run (or with VMM_E2E_KEEP=1).
     """
     kernel, initrd = level1_images()
@@ -254,7 +295,10 @@ def run_level1(command: list[str] | str, timeout: float = DEFAULT_LEVEL1_TIMEOUT
     if wanted:
         (workdir / "binds").write_text("\n".join(sorted(wanted)) + "\n")
 
-    argv = qemu_level1_argv(kernel, initrd, workdir)
+    rw = [os.path.realpath(d) for d in rw_dirs]
+    if rw:
+        (workdir / "rwmounts").write_text("".join(f"e2erw{n} {d}\n" for n, d in enumerate(rw)))
+    argv = qemu_level1_argv(kernel, initrd, workdir, rw_dirs=rw)
     echo = _env_flag("VMM_E2E_ECHO") if echo is None else echo
     console_path = workdir / "console"
     t0 = time.monotonic()
@@ -306,16 +350,20 @@ class VmmResult:
     nested: bool            # ran inside a level-1 host
     level1: Level1Result | None = None
     markers: dict[str, str] = field(default_factory=dict)
+    to_init: float | None = None   # wall seconds from launch to the guest's "E2E: init="
 
     def describe(self) -> str:
-        s = (f"vmm run status={self.status} elapsed={self.elapsed:.1f}s nested={self.nested}\n"
+        s = (f"vmm run status={self.status} elapsed={self.elapsed:.1f}s to_init={self.to_init} "
+             f"nested={self.nested}\n"
              f"--- vmm output ---\n{self.output[-6000:]}")
         if self.level1 is not None:
             s += f"\n--- level 1 ---\n{self.level1.describe()}"
         return s
 
 
-_TIME_RE = re.compile(r"^E2E-VMM-TIME: status=(-?\d+) elapsed=([0-9.]+)$", re.M)
+_TIME_RE = re.compile(
+    r"^E2E-VMM-TIME: status=(-?\d+|timeout) elapsed=([0-9.]+) to_init=([0-9.]+|none)\s*$", re.M)
+TIMED_RUN = Path(__file__).resolve().parent / "timed_run.py"
 
 
 def level2_images(scenarios: dict[str, str] | None = None) -> tuple[Path, Path]:
@@ -325,50 +373,48 @@ def level2_images(scenarios: dict[str, str] | None = None) -> tuple[Path, Path]:
 
 
 def vmm_run_argv(kernel: Path, initrd: Path, *, cpus: int = 1, mem_mib: int = 256,
-                 append: str = LEVEL2_APPEND, extra: list[str] = ()) -> list[str]:
-    """`python3 -m vmmcore.cli run KERNEL -i INITRD -c N -m MiB -p ...` (the level-2 VM)."""
+                 append: str = LEVEL2_APPEND, scenario: str | None = None,
+                 extra: list[str] = ()) -> list[str]:
+    """`python3 -m vmmcore.cli run KERNEL -i INITRD -c N -m MiB -p ...` (the level-2 VM).
+
+    ``scenario`` picks /scenarios/NAME.sh of the level-2 image (``-p e2e_scenario=NAME``);
+    ``extra`` adds options such as ``--block path=...``.
+    """
+    params = append + (f" e2e_scenario={scenario}" if scenario else "")
     return [sys.executable, "-m", "vmmcore.cli", "run", str(kernel), "-i", str(initrd),
-            "-c", str(cpus), "-m", str(mem_mib), "-p", append, *extra]
+            "-c", str(cpus), "-m", str(mem_mib), "-p", params, *extra]
 
 
-def run_vmm(args: list[str], timeout: float, level1_timeout: float | None = None) -> VmmResult:
+def run_vmm(args: list[str], timeout: float, level1_timeout: float | None = None,
+            rw_dirs: list[str | os.PathLike[str]] = ()) -> VmmResult:
     """Run a `vmm run` argv (see vmm_run_argv) directly when /dev/kvm can, else in level 1.
 
     ``timeout`` bounds `vmm run` itself (it is killed after it, status None);
-    level 1 gets ``timeout`` plus its own boot allowance.
+    level 1 gets ``timeout`` plus its own boot allowance. ``rw_dirs``: host directories
+    that `vmm run` writes in (disk images), shared read-write with level 1.
     """
+    wrapped = [sys.executable, str(TIMED_RUN), str(timeout), "--", *args]
+    l1 = None
     if has_direct_kvm():
-        t0 = time.monotonic()
         try:
-            r = subprocess.run(args, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True,
-                               timeout=timeout, env={**os.environ, "PYTHONPATH": _pythonpath()})
-            status, out = r.returncode, r.stdout.decode("utf-8", "replace") + r.stderr.decode(
-                "utf-8", "replace")
+            r = subprocess.run(wrapped, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True,
+                               timeout=timeout + 60,
+                               env={**os.environ, "PYTHONPATH": _pythonpath()})
+            raw = (r.stdout + r.stderr).decode("utf-8", "replace")
         except subprocess.TimeoutExpired as e:
-            status = None
-            out = (e.stdout or b"").decode("utf-8", "replace") + (e.stderr or b"").decode(
-                "utf-8", "replace")
-        return VmmResult(status, out, time.monotonic() - t0, False, None, parse_markers(out))
-
-    # Inside level 1: time `vmm run` there, kill it at the timeout, report both.
-    script = (
-        "t0=$(cut -d' ' -f1 /proc/uptime)\n"
-        f"timeout -s KILL {int(timeout)} {shlex.join(args)}\n"
-        "st=$?\n"
-        "t1=$(cut -d' ' -f1 /proc/uptime)\n"
-        "echo\n"
-        "echo \"E2E-VMM-TIME: status=$st elapsed=$(awk \"BEGIN{print $t1 - $t0}\")\"\n"
-        "exit $st\n"
-    )
-    l1 = run_level1(script, timeout=(level1_timeout or timeout + 90),
-                    binds=[a for a in args if a.startswith("/")])
-    m = _TIME_RE.search(l1.output)
-    output = _TIME_RE.sub("", l1.output).rstrip("\n") + "\n"
-    if m:
-        status: int | None = int(m.group(1))
-        if status == 137:   # killed by timeout -s KILL
-            status = None
-        elapsed = float(m.group(2))
+            raw = ((e.stdout or b"") + (e.stderr or b"")).decode("utf-8", "replace")
     else:
-        status, elapsed = None, l1.elapsed
-    return VmmResult(status, output, elapsed, True, l1, parse_markers(output))
+        l1 = run_level1(wrapped, timeout=(level1_timeout or timeout + 90),
+                        binds=[a for a in args if a.startswith("/")], rw_dirs=rw_dirs)
+        raw = l1.output
+    m = _TIME_RE.search(raw)
+    output = _TIME_RE.sub("", raw).replace("\r\n", "\n").rstrip("\n") + "\n"
+    status: int | None = None
+    elapsed = l1.elapsed if l1 is not None else float(timeout)
+    to_init: float | None = None
+    if m:
+        status = None if m.group(1) == "timeout" else int(m.group(1))
+        elapsed = float(m.group(2))
+        to_init = None if m.group(3) == "none" else float(m.group(3))
+    return VmmResult(status, output, elapsed, l1 is not None, l1, parse_markers(output),
+                     to_init)

@@ -6,47 +6,70 @@ the guest ends `vmm run` with status 0. All with the sandbox on (no --disable-sa
 inside the level-1 host. The tests skip, with the reason "vmm cannot boot Linux yet",
 while harness.vmm_linux_boot_missing() says so.
 
-test_level2_image_under_qemu checks the level-2 image itself with QEMU TCG on this host,
-so that a failing `vmm run` scenario is not blamed on the image.
+test_level2_image_under_qemu checks the level-2 image and every scenario (also those of
+test_e2e_devices.py) against QEMU's own virtio devices with QEMU TCG on this host, so that
+a failing `vmm run` scenario is not blamed on the image.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 
 import harness
+import images
 import pytest
 
-VMM_TIMEOUT = 240.0   # `vmm run` itself; level 1 adds its own boot allowance
+VMM_TIMEOUT = 90.0   # `vmm run` itself (a nested boot to poweroff takes ~10 s); level 1 adds its own
 
 
-def test_level2_image_under_qemu(e2e_kernel, e2e_timing):
+def test_level2_image_under_qemu(e2e_kernel, e2e_timing, tmp_path):
+    """Reference: every level-2 scenario passes against QEMU's own virtio devices (TCG)."""
     kernel, initrd = harness.level2_images()
+    rw, ro = tmp_path / "rw.img", tmp_path / "ro.img"
+    rw.write_bytes(b""), ro.write_bytes(b"")
+    os.truncate(rw, 64 << 20)
+    os.truncate(ro, 32 << 20)
     argv = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-m", "256", "-smp", "2",
             "-nographic", "-nodefaults", "-serial", "stdio", "-monitor", "none", "-no-reboot",
-            "-kernel", str(kernel), "-initrd", str(initrd), "-append",
-            "console=ttyS0 quiet mitigations=off panic=-1"]
+            "-kernel", str(kernel), "-initrd", str(initrd),
+            "-drive", f"file={rw},format=raw,if=virtio",
+            "-drive", f"file={ro},format=raw,if=virtio,readonly=on",
+            "-device", "virtio-rng-pci", "-device", "virtio-gpu-pci",
+            "-device", "virtio-keyboard-pci", "-device", "virtio-mouse-pci",
+            "-append", harness.LEVEL2_APPEND + " e2e_scenario=cpus,blk,rng,gpu,input"]
     t0 = time.monotonic()
-    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
-    e2e_timing("level-2 image, QEMU TCG", time.monotonic() - t0)
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=180)
+    e2e_timing("level-2 all scenarios, QEMU TCG", time.monotonic() - t0)
     out = r.stdout.decode("utf-8", "replace")
     m = harness.parse_markers(out)
     assert r.returncode == 0, out
-    assert m.get("cpus") == "2", out
-    assert m.get("scenario-status") == "0", out
+    for name in ("cpus", "blk", "rng", "gpu", "input"):
+        assert m.get(f"scenario-{name}") == "done", out
+    assert "scenario-status=1" not in out, out
+    assert m.get("cpus") == "2" and m.get("online") == "0-1", out
+    assert m.get("vda-readback") == "ok" and m.get("vdb-write") == "refused", out
+    assert rw.read_bytes()[:images.BLK_PATTERN_BYTES] == images.blk_pattern()
+    assert ro.read_bytes() == bytes(32 << 20)
+    assert m.get("rng-current", "").startswith("virtio_rng") and m.get("hwrng-bytes") == "32"
+    assert m.get("fb0") == "virtio_gpudrmfb" and m.get("fbcon-bound") == "1", out
+    assert m.get("input-virtio") == "2", out
     assert "poweroff" in m, out
 
 
 @pytest.fixture(scope="module")
 def two_cpu_boot(e2e_kernel, vmm_can_boot_linux) -> harness.VmmResult:
     kernel, initrd = harness.level2_images()
-    return harness.run_vmm(harness.vmm_run_argv(kernel, initrd, cpus=2), timeout=VMM_TIMEOUT)
+    return harness.run_vmm(harness.vmm_run_argv(kernel, initrd, cpus=2, scenario="cpus"),
+                           timeout=VMM_TIMEOUT)
 
 
 def test_vmm_boots_to_init_with_2_cpus(two_cpu_boot, e2e_timing):
     res = two_cpu_boot
-    e2e_timing("vmm run, -c 2, to poweroff", res.elapsed)
+    e2e_timing("vmm run, -c 2, to exit", res.elapsed)
+    if res.to_init is not None:
+        e2e_timing("vmm run launch to /init", res.to_init)
     if "init" in res.markers:
         e2e_timing("level-2 /init (guest uptime)", float(res.markers["init"]))
     if res.level1 is not None:
