@@ -309,3 +309,16 @@ def test_pci_cfg_capability_window(guest):
     guest.cf8.write(0, guest.dev, 0, cap + 8, 0x16, 4)       # queue_select
     guest.cf8.write(0, guest.dev, 0, cap + 16, 5, 4)
     assert guest.common(0x16, 2) == 5
+
+
+def test_queue_set_up_is_frozen_after_driver_ok():
+    g = Guest(Gpu())
+    try:
+        drv, _ = bring_up(g)
+        g.set_common(0x16, 1, 2)                     # queue 1 was never enabled
+        g.set_common(0x20, 0x5000, 4)
+        g.set_common(0x1C, 1, 2)                     # enabling it now is ignored
+        assert g.common(0x1C, 2) == 0 and g.common(0x20, 4) == 0
+        assert not g.pdev.queues[1].ready
+    finally:
+        g.close()

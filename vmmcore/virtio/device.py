@@ -19,6 +19,7 @@ lets the exception take the process down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import threading
@@ -192,6 +193,12 @@ class VirtioWorker:
         return stopped
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # the loop itself failed (bad fd...): contain it too
+            self._fail(f"worker error: {e!r}", exc_info=True)
+
+    def _loop(self) -> None:
         poller = select.poll()
         kill_fd = self.kill_evt.fileno()
         poller.register(kill_fd, select.POLLIN)
@@ -217,7 +224,8 @@ class VirtioWorker:
         try:
             if fd in queue_of:
                 index = queue_of[fd]
-                self.queue_evts[index].read()
+                with contextlib.suppress(BlockingIOError):  # a nonblocking fd drained
+                    self.queue_evts[index].read()
                 self.handle_queue(index)
             else:
                 self.extra[fd]()

@@ -277,7 +277,7 @@ class VirtioPciDevice(ConfiguredPciDevice):
             q.size = value
         elif field_index == _QMSIX and q is not None:
             q.vector = self._vector(value)
-        elif field_index == _QENABLE and q is not None and value == 1:
+        elif field_index == _QENABLE and queue_writable and value == 1:
             q.ready = True
         elif field_index == _QDESC and queue_writable:
             q.desc_table = value
@@ -326,7 +326,7 @@ class VirtioPciDevice(ConfiguredPciDevice):
 
     def reset(self) -> None:
         """The driver wrote 0 to device_status (virtio 1.2, 2.4)."""
-        if self.active and not self.device.reset():
+        if not self.device.reset():
             log.warning("%s: device did not stop cleanly on reset", self.debug_label())
         self.interrupt.reset()
         self._reset_transport()
