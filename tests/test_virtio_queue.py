@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -496,3 +497,41 @@ def test_used_ring_outside_ram_at_add_used(mem):
     q.used_ring = 2 * MiB + 0x1000
     with pytest.raises(VirtqueueError, match="used ring outside guest RAM"):
         q.add_used(mem, chain, 0)
+
+
+# -- the indexes the guest polls are never torn ------------------------------------------
+
+
+def test_index_stores_are_single_16_bit_stores():
+    """A reader on another CPU (a forked process mapping the same memfd, reading with a
+    native 16-bit load as a guest would) must never see half of an index update. The
+    writer flips 0x00ff <-> 0x0100, where a byte-wise store would expose 0x0000 or
+    0x01ff."""
+    import ctypes
+    import mmap
+    import time
+
+    from vmmcore.virtio.queue import _load_u16, _store_u16
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two CPUs to race")
+    with GuestMemory([(0, 4096)]) as m:
+        _store_u16(m, 2, 0x00FF)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            shared = mmap.mmap(m.fd, 4096)
+            idx = ctypes.c_uint16.from_buffer(shared, 2)
+            torn, end = 0, time.monotonic() + 0.5
+            while time.monotonic() < end:
+                for _ in range(1000):
+                    if idx.value not in (0x00FF, 0x0100):
+                        torn += 1
+            os._exit(1 if torn else 0)
+        end = time.monotonic() + 0.6
+        while time.monotonic() < end:
+            for _ in range(1000):
+                _store_u16(m, 2, 0x0100)
+                _store_u16(m, 2, 0x00FF)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "a reader saw a torn index"
+        assert _load_u16(m, 2) == 0x00FF
