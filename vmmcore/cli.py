@@ -6,6 +6,7 @@ or the host failed); tracebacks are for bugs only.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -25,8 +26,11 @@ def fail(message: str, status: int = 1) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vmm")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
     """vmm: a KVM virtual machine monitor with every device as a sandboxed plugin."""
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="vmm: %(levelname)s: %(name)s: %(message)s")
 
 
 @main.command()

@@ -79,6 +79,8 @@ class VmInstance:
         for loop in self.loops:
             if not loop.join(JOIN_TIMEOUT):
                 log.error("vcpu%d did not stop within %.0f s", loop.vcpu.id, JOIN_TIMEOUT)
+            elif vm_exit is not None and vm_exit.event == VmEvent.STOPPED:
+                log.info("vcpu%d stopped at rip %s", loop.vcpu.id, loop.rip())
         assert vm_exit is not None
         return vm_exit
 
@@ -183,10 +185,11 @@ def build_vm(config: VmConfig, kvm: Kvm | None = None) -> VmInstance:
 
 def _create_vcpus(inst: VmInstance) -> None:
     supported = inst.kvm.supported_cpuid()
+    tsc_deadline = bool(inst.kvm.check_extension(lib.KVM_CAP_TSC_DEADLINE_TIMER))
     long_mode = setup_long_mode(inst.mem)
     for vcpu_id in range(inst.config.cpus):
         vcpu = inst.vm.create_vcpu(vcpu_id)
         inst.stack.callback(vcpu.close)
         boot = (long_mode, boot_regs(inst.kernel)) if vcpu_id == 0 and inst.kernel else None
-        configure_vcpu(vcpu, supported, inst.config.cpus, boot)
+        configure_vcpu(vcpu, supported, inst.config.cpus, boot, tsc_deadline)
         inst.loops.append(VcpuRunLoop(vcpu, inst.io_bus, inst.mmio_bus, inst.events))

@@ -156,7 +156,7 @@ class VcpuRunLoop:
             events.report(VmEvent.POWEROFF, 0, f"guest halted (vcpu{vid} executed HLT)")
         elif reason == lib.KVM_EXIT_SHUTDOWN:
             events.report(VmEvent.CRASH, 3,
-                          f"guest triple-faulted on vcpu{vid} at rip {self._rip()}")
+                          f"guest triple-faulted on vcpu{vid} at rip {self.rip()}")
         elif reason == lib.KVM_EXIT_SYSTEM_EVENT:
             kind = _U32.unpack_from(run, lib.VMM_RUN_SYSTEM_EVENT_TYPE)[0]
             if kind == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
@@ -174,13 +174,14 @@ class VcpuRunLoop:
             sub = _U32.unpack_from(run, lib.VMM_RUN_INTERNAL_SUBERROR)[0]
             what = _INTERNAL_ERRORS.get(sub, f"suberror {sub}")
             events.report(VmEvent.CRASH, 3,
-                          f"vcpu{vid}: KVM internal error: {what} at rip {self._rip()}")
+                          f"vcpu{vid}: KVM internal error: {what} at rip {self.rip()}")
         else:
             name = _EXIT_NAMES.get(reason, str(reason))
             events.report(VmEvent.ERROR, 1, f"vcpu{vid}: unexpected exit {name}")
         return False
 
-    def _rip(self) -> str:
+    def rip(self) -> str:
+        """The vCPU's instruction pointer, for messages (only while it is not running)."""
         try:
             return f"{self.vcpu.get_regs().rip:#x}"
         except Exception:

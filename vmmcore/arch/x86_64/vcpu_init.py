@@ -66,10 +66,22 @@ def set_fpu(vcpu: Vcpu) -> None:
     vcpu.set_fpu(fpu)
 
 
-def set_cpuid(vcpu: Vcpu, supported: Sequence[tuple[int, ...]], num_cpus: int) -> None:
-    """KVM's supported CPUID, adjusted for this vCPU's APIC id and the topology."""
+CPUID_TSC_DEADLINE = 1 << 24     # leaf 1 ECX
+
+
+def set_cpuid(vcpu: Vcpu, supported: Sequence[tuple[int, ...]], num_cpus: int,
+              tsc_deadline: bool = False) -> None:
+    """KVM's supported CPUID, adjusted for this vCPU's APIC id and the topology.
+
+    KVM_GET_SUPPORTED_CPUID never lists the TSC-deadline timer, because the in-kernel
+    LAPIC emulates it; like crosvm we add it when KVM_CAP_TSC_DEADLINE_TIMER says so.
+    Without it Linux calibrates the LAPIC timer against the PIT, which fails when the
+    host is slow or nested ("APIC timer disabled due to verification failure").
+    """
     entries = adjust_cpuid([CpuidEntry(*e) for e in supported], vcpu.id, num_cpus)
-    vcpu.set_cpuid((e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+    vcpu.set_cpuid((e.function, e.index, e.flags, e.eax, e.ebx,
+                    e.ecx | (CPUID_TSC_DEADLINE if tsc_deadline and e.function == 1 else 0),
+                    e.edx)
                    for e in entries)
 
 
@@ -99,9 +111,10 @@ def set_long_mode(vcpu: Vcpu, state: LongModeState, regs: Mapping[str, int]) -> 
 
 
 def configure_vcpu(vcpu: Vcpu, supported_cpuid: Sequence[tuple[int, ...]], num_cpus: int,
-                   boot: tuple[LongModeState, Mapping[str, int]] | None) -> None:
+                   boot: tuple[LongModeState, Mapping[str, int]] | None,
+                   tsc_deadline: bool = False) -> None:
     """Everything a vCPU needs before its first KVM_RUN; boot is for the BSP only."""
-    set_cpuid(vcpu, supported_cpuid, num_cpus)
+    set_cpuid(vcpu, supported_cpuid, num_cpus, tsc_deadline)
     set_msrs(vcpu, BOOT_MSRS)
     set_fpu(vcpu)
     set_lapic_lints(vcpu)
