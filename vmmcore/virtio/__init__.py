@@ -4,6 +4,7 @@ The virtio-pci transport (VirtioPciDevice) builds on these; device plugins subcl
 VirtioDevice.
 """
 
+from vmmcore.virtio.descriptor_utils import Reader, Writer
 from vmmcore.virtio.device import EventFdMsix, VirtioDevice, VirtioInterrupt, VirtioWorker
 from vmmcore.virtio.queue import (
     DescriptorChain,
@@ -20,10 +21,12 @@ __all__ = [
     "DeviceType",
     "EventFdMsix",
     "Queue",
+    "Reader",
     "VirtioDevice",
     "VirtioInterrupt",
     "VirtioWorker",
     "VirtqueueError",
+    "Writer",
     "prepare_queues",
     "vring_need_event",
 ]
