@@ -285,3 +285,12 @@ def test_device_type_ids():
     assert (DeviceType.NET, DeviceType.BLOCK, DeviceType.RNG, DeviceType.GPU,
             DeviceType.INPUT, DeviceType.WL) == (1, 2, 4, 16, 18, 63)
     assert modern_pci_device_id(DeviceType.RNG) == 0x1044
+
+
+def test_config_change_bumps_generation_and_interrupts(echo):
+    echo.activate()
+    echo.device.config[0] = 0x42
+    echo.device.config_changed()
+    assert echo.device.config_generation == 1
+    assert wait_fd(echo.vectors[0])
+    assert echo.interrupt.isr_status & ISR_CONFIG

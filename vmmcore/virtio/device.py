@@ -329,6 +329,12 @@ class VirtioDevice:
         assert self.mem is not None and self.interrupt is not None
         return self.queues[index].trigger_interrupt(self.mem, self.interrupt)
 
+    def config_changed(self) -> None:
+        """The device changed its config space: bump the generation, interrupt the driver."""
+        self.config_generation = (self.config_generation + 1) & 0xFF
+        if self.interrupt is not None:
+            self.interrupt.signal_config_changed()
+
     def reset(self) -> bool:
         """The driver wrote 0 to device status: stop the worker, drop the queues.
 
