@@ -144,3 +144,9 @@ def test_bad_run_options_exit_2(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_guest_finds_the_pci_host_bridge_through_config_mechanism_1(tmp_path):
+    vm_exit, serial = run_guest(tmp_path, "tests/pci")
+    assert "pci 00:00.0 id 8086:29c0 class 060000" in serial, serial
+    assert (vm_exit.event, vm_exit.status) == (VmEvent.GUEST_EXIT, 1)   # one function

@@ -19,6 +19,7 @@ from vmmcore.arch.x86_64.acpi import build_acpi_tables
 from vmmcore.arch.x86_64.linux_loader import LoadedKernel, load_kernel
 from vmmcore.arch.x86_64.regs import boot_regs, setup_long_mode
 from vmmcore.arch.x86_64.vcpu_init import configure_vcpu
+from vmmcore.allocator import SystemAllocator
 from vmmcore.bus import Bus, BusDevice
 from vmmcore.config import VmConfig
 from vmmcore.devices.acpi_pm import AcpiPmDevice
@@ -33,11 +34,13 @@ from vmmcore.kvm import Kvm, Vm
 from vmmcore.kvm.run_loop import VcpuRunLoop, install_kick_handler
 from vmmcore.kvm.sys import lib
 from vmmcore.memory import GuestMemory
+from vmmcore.pci.root import PciRoot, build_pci_root
 from vmmcore.vm_events import VmEvent, VmEventSink, VmExit
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+ECAM = (layout.PCIE_ECAM_START, 0, 0, layout.PCIE_ECAM_SIZE // (1 << 20) - 1)
 JOIN_TIMEOUT = 5.0
 
 
@@ -54,6 +57,8 @@ class VmInstance:
     events: VmEventSink
     kernel: LoadedKernel | None = None
     serials: SerialDevices | None = None
+    allocator: SystemAllocator | None = None
+    pci_root: PciRoot | None = None
     loops: list[VcpuRunLoop] = field(default_factory=list)
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
@@ -156,6 +161,13 @@ def _add_legacy_devices(inst: VmInstance) -> None:
     inst.add_io_device(DebugExit(inst.events), layout.DEBUG_EXIT_PORT, 4)
 
 
+def _add_pci_root(inst: VmInstance, mem_size: int) -> None:
+    """The PCI root on bus 0: config mechanism 1 at 0xcf8, ECAM, MSI-X routing via KVM."""
+    inst.allocator = layout.system_allocator(mem_size)
+    inst.pci_root = build_pci_root(inst.vm, inst.io_bus, inst.mmio_bus, inst.allocator)
+    inst.stack.callback(inst.pci_root.close)
+
+
 def build_vm(config: VmConfig, kvm: Kvm | None = None) -> VmInstance:
     """Everything of a VM but running it; raises (having cleaned up) on any failure."""
     stack = contextlib.ExitStack()
@@ -172,10 +184,11 @@ def build_vm(config: VmConfig, kvm: Kvm | None = None) -> VmInstance:
         inst = VmInstance(config, kvm, vm, mem, Bus("io"), Bus("mmio"), VmEventSink(),
                           stack=stack)
         _add_legacy_devices(inst)
+        _add_pci_root(inst, mem_size)
         # console=/earlycon= from --serial first, so the user's -p can override them.
         cmdline = " ".join([*inst.serials.kernel_params(), config.cmdline]).strip()
         inst.kernel = load_kernel(mem, _kernel_path(config), cmdline, config.initrd, mem_size)
-        build_acpi_tables(mem, config.cpus)
+        build_acpi_tables(mem, config.cpus, ecam=ECAM)
         _create_vcpus(inst)
         return inst
     except BaseException:
