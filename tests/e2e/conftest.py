@@ -23,6 +23,7 @@ _HERE = Path(__file__).resolve().parent
 _timings: list[tuple[str, str, float]] = []
 
 
+@pytest.hookimpl(tryfirst=True)   # before -m selection looks at the markers
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if Path(str(item.fspath)).resolve().is_relative_to(_HERE):

@@ -24,6 +24,7 @@ Run this file to prefetch and build everything (``scripts/e2e-setup --prefetch``
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -525,11 +526,18 @@ say "input-names=$(grep '^N: Name=' /proc/bus/input/devices | sed 's/^N: Name=//
 }
 
 
-def _write_image(path: Path, w: CpioWriter) -> Path:
-    tmp = path.with_suffix(".tmp")
+def _write_image(path: Path, w: CpioWriter, keep: int = 4) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(gzip.compress(w.finish(), compresslevel=1, mtime=0))
     tmp.rename(path)
+    # Images are keyed by content: keep the newest few of this kind, drop older ones.
+    prefix = path.name.rsplit("-", 1)[0] + "-"
+    older = sorted((p for p in path.parent.glob(prefix + "*.cpio.gz") if p != path),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in older[keep - 1:]:
+        with contextlib.suppress(OSError):
+            p.unlink()
     return path
 
 
