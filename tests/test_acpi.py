@@ -63,6 +63,7 @@ def read_all(mem: GuestMemory) -> dict[bytes, bytes]:
     tables[b"DSDT"] = read_table(mem, x_dsdt)
     facs_addr = struct.unpack_from("<Q", fadt, 132)[0]
     assert facs_addr % 64 == 0
+    assert struct.unpack_from("<I", fadt, 36)[0] == 0, "FACS only via X_FIRMWARE_CTRL"
     tables[b"FACS"] = mem.read(facs_addr, 64)
     return tables
 

@@ -120,7 +120,9 @@ def madt(num_cpus: int) -> bytes:
 def fadt(dsdt_addr: int, facs_addr: int) -> bytes:
     """FADT ("FACP") revision 6 with the PM1a blocks from layout, not hardware-reduced."""
     f = bytearray(FADT_SIZE)
-    struct.pack_into("<II", f, 36, facs_addr, dsdt_addr)
+    # FIRMWARE_CTRL stays 0: with both it and X_FIRMWARE_CTRL set, Linux installs the FACS
+    # twice. DSDT and X_DSDT may agree (ACPICA then uses X_DSDT once).
+    struct.pack_into("<II", f, 36, 0, dsdt_addr)
     f[45] = 0                                              # Preferred_PM_Profile: unspecified
     struct.pack_into("<HI", f, 46, layout.SCI_IRQ, 0)      # SCI_INT, SMI_CMD (none)
     struct.pack_into("<I", f, 56, layout.PM1A_EVT_BLK)
