@@ -369,8 +369,10 @@ def run_level1(command: list[str] | str, timeout: float = DEFAULT_LEVEL1_TIMEOUT
                        parse_markers(console))
     if echo:
         print(res.describe())
-    keep = _env_flag("VMM_E2E_KEEP") if keep_workdir is None else keep_workdir
-    if not keep and status == 0:
+    keep = keep_workdir
+    if keep is None:
+        keep = bool(_env_flag("VMM_E2E_KEEP")) or status != 0
+    if not keep:
         shutil.rmtree(workdir, ignore_errors=True)
         res.workdir = None
     return res

@@ -55,7 +55,7 @@ def test_level1_sees_checkout_and_returns_status(level1, e2e_timing, tmp_path):
         echo "cwd=$(pwd)"
         exit 7
     """)
-    res = harness.run_level1(script, timeout=120, binds=[str(tmp_path)])
+    res = harness.run_level1(script, timeout=120, binds=[str(tmp_path)], keep_workdir=False)
     e2e_timing("level-1 boot+run+poweroff", res.elapsed)
     assert res.status == 7, res.describe()
     assert f"vmmcore {harness.REPO}/vmmcore/__init__.py" in res.output, res.describe()
