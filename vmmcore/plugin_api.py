@@ -322,6 +322,21 @@ class PluginSpec:
         return None
 
 
+@dataclass(frozen=True)
+class DeviceContext:
+    """What the core tells a device factory besides its options.
+
+    A device factory is ``factory(options: dict, ctx: DeviceContext)`` and returns a
+    vmmcore.virtio.VirtioDevice (the core wraps it in the virtio-pci transport) or a
+    vmmcore.pci.PciDevice. Factories run before the VM starts, in the main process: open
+    files and sockets there; the sandbox hands them to the device process.
+    """
+
+    name: str                   # unique instance label, e.g. "virtio_blk1"
+    index: int                  # position among this plugin's devices on the command line
+    mem_size: int               # guest RAM in bytes
+
+
 def load_factory(spec: PluginSpec) -> Callable[..., Any]:
     """Import and return the spec's factory (only when a VM is actually built)."""
     if spec.factory is None:
@@ -346,7 +361,7 @@ def hookimpl(*args: Any, **kwargs: Any) -> Any:
 
 
 __all__ = [
-    "API_VERSION", "HOOK_GROUP", "KIND_GROUPS", "OPTION_TYPES", "Bool", "Enum", "Int",
+    "API_VERSION", "DeviceContext", "HOOK_GROUP", "KIND_GROUPS", "OPTION_TYPES", "Bool", "Enum", "Int",
     "Option", "OptionValueError", "Path", "PluginSpec", "Size", "Str", "api_compatible",
     "format_size", "hookimpl", "load_factory", "parse_api_version",
 ]

@@ -14,27 +14,32 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmmcore.allocator import SystemAllocator
 from vmmcore.arch.x86_64 import layout
 from vmmcore.arch.x86_64.acpi import build_acpi_tables
 from vmmcore.arch.x86_64.linux_loader import LoadedKernel, load_kernel
 from vmmcore.arch.x86_64.regs import boot_regs, setup_long_mode
 from vmmcore.arch.x86_64.vcpu_init import configure_vcpu
-from vmmcore.allocator import SystemAllocator
 from vmmcore.bus import Bus, BusDevice
-from vmmcore.config import VmConfig
+from vmmcore.config import DeviceConfig, VmConfig
 from vmmcore.devices.acpi_pm import AcpiPmDevice
 from vmmcore.devices.cmos import Cmos
 from vmmcore.devices.debug_exit import DebugExit
 from vmmcore.devices.i8042 import I8042
 from vmmcore.devices.serial_backends import SerialDevices, create_serial_devices
-from vmmcore.errors import ConfigError
+from vmmcore.errors import ConfigError, VmmError
 from vmmcore.eventfd import EventFd
 from vmmcore.interrupts import CallbackInterrupt, IrqFdInterrupt
 from vmmcore.kvm import Kvm, Vm
 from vmmcore.kvm.run_loop import VcpuRunLoop, install_kick_handler
 from vmmcore.kvm.sys import lib
 from vmmcore.memory import GuestMemory
+from vmmcore.pci.device import PciDevice
 from vmmcore.pci.root import PciRoot, build_pci_root
+from vmmcore.plugin_api import DeviceContext, load_factory
+from vmmcore.registry import get_registry
+from vmmcore.virtio import VirtioDevice
+from vmmcore.virtio.pci_transport import VirtioPciDevice
 from vmmcore.vm_events import VmEvent, VmEventSink, VmExit
 
 log = logging.getLogger(__name__)
@@ -168,6 +173,38 @@ def _add_pci_root(inst: VmInstance, mem_size: int) -> None:
     inst.stack.callback(inst.pci_root.close)
 
 
+def _create_device(inst: VmInstance, device: DeviceConfig, index: int) -> PciDevice:
+    """Run a device plugin's factory and put the result behind the PCI transport."""
+    record = get_registry().get("device", device.name)
+    if record is None or record.spec is None:
+        raise ConfigError(f"device {device.name} is not installed")
+    ctx = DeviceContext(name=f"{record.name}{index}", index=index,
+                        mem_size=inst.config.mem_mib * MiB)
+    try:
+        model = load_factory(record.spec)(dict(device.options), ctx)
+    except VmmError:
+        raise
+    except Exception as e:  # a plugin bug or an OSError opening its files: one line
+        raise VmmError(f"device {ctx.name}: {type(e).__name__}: {e}") from e
+    if isinstance(model, VirtioDevice):
+        inst.stack.callback(model.shutdown)
+        return VirtioPciDevice(model, inst.mem, label=ctx.name)
+    if isinstance(model, PciDevice):
+        return model
+    raise VmmError(f"device {ctx.name}: the plugin's factory returned {type(model).__name__}, "
+                   "not a VirtioDevice or PciDevice")
+
+
+def _add_plugin_devices(inst: VmInstance) -> None:
+    """The --device plugins, on PCI bus 0 in command-line order (so vda comes first)."""
+    counts: dict[str, int] = {}
+    for device in inst.config.devices:
+        index = counts.get(device.name, 0)
+        counts[device.name] = index + 1
+        assert inst.pci_root is not None
+        inst.pci_root.add_device(_create_device(inst, device, index))
+
+
 def build_vm(config: VmConfig, kvm: Kvm | None = None) -> VmInstance:
     """Everything of a VM but running it; raises (having cleaned up) on any failure."""
     stack = contextlib.ExitStack()
@@ -185,6 +222,7 @@ def build_vm(config: VmConfig, kvm: Kvm | None = None) -> VmInstance:
                           stack=stack)
         _add_legacy_devices(inst)
         _add_pci_root(inst, mem_size)
+        _add_plugin_devices(inst)
         # console=/earlycon= from --serial first, so the user's -p can override them.
         cmdline = " ".join([*inst.serials.kernel_params(), config.cmdline]).strip()
         inst.kernel = load_kernel(mem, _kernel_path(config), cmdline, config.initrd, mem_size)

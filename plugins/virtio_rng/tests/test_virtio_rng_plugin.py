@@ -8,14 +8,19 @@ its spec is valid, its options parse, its policy ships), then the device-side lo
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
+from vmm_virtio_rng.device import MAX_FILL, create
 from vmm_virtio_rng.entropy import EntropySource
 from vmm_virtio_rng.plugin import PLUGIN
 
 from vmmcore.device_options import DeviceArgs, collect_devices
 from vmmcore.errors import ConfigError
+from vmmcore.plugin_api import DeviceContext
 from vmmcore.registry import Registry
+from vmmcore.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from vmmcore.virtio.testing import DeviceHarness
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +59,62 @@ def test_bad_options(text, message):
         _select(text)
 
 
-def test_selecting_says_not_implemented_yet():
-    with pytest.raises(ConfigError, match="device virtio_rng .* is not implemented yet"):
-        collect_devices(DeviceArgs([("--device", "virtio_rng")]), registry=Registry())
+def test_selecting_builds_an_implemented_device():
+    [d] = collect_devices(DeviceArgs([("--device", "virtio-rng")]), registry=Registry())
+    assert d.name == "virtio_rng"
+
+
+@pytest.fixture
+def rng(tmp_path):
+    source = tmp_path / "source"
+    source.write_bytes(bytes(range(256)) * 1024)
+    harness = DeviceHarness(create({"source": source, "rate": 0, "queue_size": 8},
+                                   DeviceContext("virtio_rng0", 0, 1 << 22)))
+    harness.activate()
+    yield harness
+    harness.close()
+
+
+def test_requests_are_filled_from_the_source(rng):
+    d = rng.drivers[0]
+    d.add(in_sizes=[16])
+    d.add(in_sizes=[8, 8], indirect=True)
+    used = rng.wait_used(count=2)
+    assert [u.length for u in used] == [16, 16]
+    assert used[0].data == bytes(range(16)) and used[1].data == bytes(range(16, 32))
+    assert rng.reset_reasons == []
+
+
+def test_a_huge_buffer_is_answered_short_not_allocated(rng):
+    d = rng.drivers[0]
+    d.add(in_sizes=[MAX_FILL + 4096])
+    [used] = rng.wait_used()
+    assert used.length == MAX_FILL
+
+
+def test_a_malformed_chain_means_needs_reset_not_a_crash(rng):
+    d = rng.drivers[0]
+    d.write_desc(0, 0x1000, 16, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 0)   # a loop
+    d.publish(0)
+    d.kick()
+    deadline = time.monotonic() + 5
+    while not rng.reset_reasons and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rng.reset_reasons, "the device did not ask for a reset"
+    assert "malformed request" in rng.reset_reasons[0], rng.reset_reasons
+
+
+def test_rate_limit_gives_short_answers(tmp_path):
+    harness = DeviceHarness(create({"source": "/dev/urandom", "rate": 64, "queue_size": 8},
+                                   DeviceContext("virtio_rng0", 0, 1 << 22)))
+    harness.activate()
+    try:
+        d = harness.drivers[0]
+        d.add(in_sizes=[1024])
+        [used] = harness.wait_used()
+        assert 0 < used.length <= 64
+    finally:
+        harness.close()
 
 
 def test_entropy_source_reads(tmp_path):

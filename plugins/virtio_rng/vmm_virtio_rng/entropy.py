@@ -42,6 +42,10 @@ class EntropySource:
             self._tokens -= len(data)
         return data
 
+    def fileno(self) -> int:
+        """The source's fd (a sandboxed device process must keep it open)."""
+        return self._fd
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

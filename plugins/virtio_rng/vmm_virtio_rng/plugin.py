@@ -36,9 +36,7 @@ PLUGIN = PluginSpec(
             help="Entries in the request virtqueue (a power of two)."),
     ),
     policy="virtio_rng.policy",
-    # The device model is written against the core's VirtioDevice base (a later issue);
-    # until it lands, factory stays None and selecting the device says
-    # "not implemented yet".  Then: factory="vmm_virtio_rng.device:VirtioRng".
-    factory=None,
+    # The device model, imported only when a VM is built.
+    factory="vmm_virtio_rng.device:create",
     validate=_validate,
 )
