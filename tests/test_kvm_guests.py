@@ -12,7 +12,9 @@ import pytest
 
 from vmmcore.bus import BusDevice
 from vmmcore.config import VmConfig
-from vmmcore.errors import KvmError
+from vmmcore.errors import ConfigError, KvmError
+from vmmcore.hookspecs import hookimpl
+from vmmcore.registry import get_registry
 from vmmcore.vm_builder import build_vm
 from vmmcore.vm_events import VmEvent
 
@@ -150,3 +152,65 @@ def test_guest_finds_the_pci_host_bridge_through_config_mechanism_1(tmp_path):
     vm_exit, serial = run_guest(tmp_path, "tests/pci")
     assert "pci 00:00.0 id 8086:29c0 class 060000" in serial, serial
     assert (vm_exit.event, vm_exit.status) == (VmEvent.GUEST_EXIT, 1)   # one function
+
+
+class LifecycleRecorder:
+    """A hook plugin registered in-process: records the lifecycle calls in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl
+    def vmm_configure(self, config):
+        self.calls.append("configure")
+
+    @hookimpl
+    def vmm_kernel_cmdline(self, config):
+        self.calls.append("cmdline")
+        return ["exit=9"]
+
+    @hookimpl
+    def vmm_vm_created(self, vm, memory, allocator):
+        self.calls.append("created")
+        assert memory.size > 0 and allocator is not None
+
+    @hookimpl
+    def vmm_devices_created(self, vm, devices):
+        self.calls.append(f"devices:{len(devices)}")
+
+    @hookimpl
+    def vmm_vm_started(self, vm):
+        self.calls.append("started")
+
+    @hookimpl
+    def vmm_vm_stopped(self, vm, exit_status):
+        self.calls.append(f"stopped:{exit_status}")
+
+
+def test_lifecycle_hooks_are_called_in_order(tmp_path):
+    pm = get_registry().hook_manager()
+    recorder = LifecycleRecorder()
+    pm.register(recorder)
+    try:
+        vm_exit, _ = run_guest(tmp_path, "tests/hello")
+    finally:
+        pm.unregister(recorder)
+    assert recorder.calls == ["configure", "created", "devices:0", "cmdline", "started",
+                              "stopped:9"]
+    assert vm_exit.status == 9          # the parameter a plugin added reached the guest
+
+
+def test_a_hook_refusing_the_config_stops_before_anything_starts(tmp_path):
+    class Refuse:
+        @hookimpl
+        def vmm_configure(self, config):
+            raise ConfigError("refused by a plugin")
+
+    pm = get_registry().hook_manager()
+    plugin = Refuse()
+    pm.register(plugin)
+    try:
+        with pytest.raises(ConfigError, match="refused by a plugin"):
+            run_guest(tmp_path, "tests/hello")
+    finally:
+        pm.unregister(plugin)

@@ -85,6 +85,10 @@ class VmInstance:
                 self.serials.start_input()
             for loop in self.loops:
                 loop.start()
+            try:
+                call_hook("vmm_vm_started", vm=self)
+            except VmmError as e:
+                self.events.report(VmEvent.ERROR, 1, str(e))
             vm_exit = self.events.wait()
         for loop in self.loops:
             if not loop.join(JOIN_TIMEOUT):
@@ -92,6 +96,10 @@ class VmInstance:
             elif vm_exit is not None and vm_exit.event == VmEvent.STOPPED:
                 log.info("vcpu%d stopped at rip %s", loop.vcpu.id, loop.rip())
         assert vm_exit is not None
+        try:
+            call_hook("vmm_vm_stopped", vm=self, exit_status=vm_exit.status)
+        except VmmError as e:
+            log.error("%s", e)
         return vm_exit
 
     def _kick_all(self) -> None:
@@ -115,6 +123,17 @@ def _stop_on_signals(events: VmEventSink):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def call_hook(name: str, **kwargs: object) -> list:
+    """Call a plugin lifecycle hook (vmmcore.hookspecs); a plugin's failure is one line."""
+    hook = getattr(get_registry().hook_manager().hook, name)
+    try:
+        return hook(**kwargs)
+    except VmmError:
+        raise
+    except Exception as e:
+        raise VmmError(f"plugin hook {name} failed: {type(e).__name__}: {e}") from e
 
 
 def _kernel_path(config: VmConfig) -> Path:
@@ -198,17 +217,22 @@ def _create_device(inst: VmInstance, device: DeviceConfig, index: int) -> PciDev
 def _add_plugin_devices(inst: VmInstance) -> None:
     """The --device plugins, on PCI bus 0 in command-line order (so vda comes first)."""
     counts: dict[str, int] = {}
+    created = []
     for device in inst.config.devices:
         index = counts.get(device.name, 0)
         counts[device.name] = index + 1
         assert inst.pci_root is not None
-        inst.pci_root.add_device(_create_device(inst, device, index))
+        pci_device = _create_device(inst, device, index)
+        inst.pci_root.add_device(pci_device)
+        created.append((device, pci_device))
+    call_hook("vmm_devices_created", vm=inst, devices=created)
 
 
 def build_vm(config: VmConfig, kvm: Kvm | None = None) -> VmInstance:
     """Everything of a VM but running it; raises (having cleaned up) on any failure."""
     stack = contextlib.ExitStack()
     try:
+        call_hook("vmm_configure", config=config)
         if kvm is None:
             kvm = Kvm(str(config.kvm_device))
             stack.callback(kvm.close)
@@ -222,9 +246,13 @@ def build_vm(config: VmConfig, kvm: Kvm | None = None) -> VmInstance:
                           stack=stack)
         _add_legacy_devices(inst)
         _add_pci_root(inst, mem_size)
+        call_hook("vmm_vm_created", vm=inst, memory=mem, allocator=inst.allocator)
         _add_plugin_devices(inst)
-        # console=/earlycon= from --serial first, so the user's -p can override them.
-        cmdline = " ".join([*inst.serials.kernel_params(), config.cmdline]).strip()
+        # console=/earlycon= from --serial and plugins first, so -p can override them.
+        plugin_params = [p for params in call_hook("vmm_kernel_cmdline", config=config)
+                         for p in params]
+        cmdline = " ".join([*inst.serials.kernel_params(), *plugin_params,
+                            config.cmdline]).strip()
         inst.kernel = load_kernel(mem, _kernel_path(config), cmdline, config.initrd, mem_size)
         build_acpi_tables(mem, config.cpus, ecam=ECAM)
         _create_vcpus(inst)
