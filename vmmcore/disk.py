@@ -126,7 +126,11 @@ class DiskFormat(abc.ABC):
 
     @abc.abstractmethod
     def open(self, path: Path, *, read_only: bool, opener: DiskOpener) -> DiskFile:
-        """Open an existing image; opener opens backing files (any registered format)."""
+        """Open an existing image; opener opens backing files (any registered format).
+
+        A format that can bypass the host page cache also accepts ``direct: bool = False``
+        (O_DIRECT); open_disk passes it only when direct=True was asked for.
+        """
 
     def create(self, path: Path, size: int, **options: object) -> None:
         """Create a new image of size bytes (qcow2: backing_file, cluster_size, ...)."""
@@ -170,11 +174,12 @@ def detect_format(path: Path, formats: dict | None = None) -> str:
 
 
 def open_disk(path: str | os.PathLike[str], format: str | None = None, *,
-              read_only: bool = False, _depth: int = 0) -> DiskFile:
+              read_only: bool = False, direct: bool = False, _depth: int = 0) -> DiskFile:
     """Open a disk image with its format plugin (detected when format is None).
 
-    _depth bounds backing chains, so a chain that loops back on itself is an error, not a
-    recursion crash.
+    direct=True asks for O_DIRECT; a format whose open() takes no ``direct`` keyword
+    refuses it with a DiskError. _depth bounds backing chains, so a chain that loops back
+    on itself is an error, not a recursion crash.
     """
     if _depth > MAX_BACKING_DEPTH:
         raise DiskError(f"{path}: backing chain deeper than {MAX_BACKING_DEPTH} "
@@ -190,7 +195,25 @@ def open_disk(path: str | os.PathLike[str], format: str | None = None, *,
                read_only: bool = True) -> DiskFile:
         return open_disk(p, format, read_only=read_only, _depth=_depth + 1)
 
-    return _instance(formats[name][1]).open(path, read_only=read_only, opener=opener)
+    fmt = _instance(formats[name][1])
+    if direct:
+        if not _accepts_keyword(fmt.open, "direct"):
+            raise DiskError(f"{path}: the {name} disk format does not support direct=true "
+                            "(O_DIRECT)")
+        return fmt.open(path, read_only=read_only, opener=opener, direct=True)
+    return fmt.open(path, read_only=read_only, opener=opener)
+
+
+def _accepts_keyword(func: Callable[..., object], name: str) -> bool:
+    """Whether func takes keyword argument `name` (explicitly or through **kwargs)."""
+    import inspect
+
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+               or p.kind == p.VAR_KEYWORD for p in params)
 
 
 MAX_BACKING_DEPTH = 64

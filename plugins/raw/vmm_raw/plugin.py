@@ -16,5 +16,5 @@ PLUGIN = PluginSpec(
     options=(),
     policy="raw.policy",
     magic=None,
-    factory=None,   # the format comes with the virtio-blk issue
+    factory="vmm_raw.raw:RawFormat",
 )
