@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,36 @@ def test_a_hook_refusing_the_config_stops_before_anything_starts(tmp_path):
             run_guest(tmp_path, "tests/hello")
     finally:
         pm.unregister(plugin)
+
+
+def test_pause_resume_and_stop_a_running_guest(tmp_path):
+    """A guest that spins forever: suspend holds its vCPUs, resume lets them go, stop ends it."""
+    out = tmp_path / "serial.txt"
+    config = VmConfig(kernel=guest("tests/hello"), mem_mib=64, params=["spin=1"],
+                      serial=[f"type=file,path={out}"])
+    inst = build_vm(config)
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(exit=inst.run()))
+    try:
+        runner.start()
+        deadline = time.monotonic() + 10
+        while "spinning" not in out.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "spinning" in out.read_text()
+        assert inst.pause() and inst.paused
+        exits = inst.loops[0].exits
+        time.sleep(0.3)
+        assert inst.loops[0].exits == exits        # held: no guest exits while paused
+        inst.resume()
+        deadline = time.monotonic() + 5
+        while inst.loops[0].exits == exits and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert inst.loops[0].exits > exits        # running again
+        inst.stop("test stop")
+        runner.join(10)
+        assert not runner.is_alive()
+        assert result["exit"].event == VmEvent.STOPPED and result["exit"].status == 0
+    finally:
+        inst.stop()
+        runner.join(10)
+        inst.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,7 +79,6 @@ class VmInstance:
 
     def run(self) -> VmExit:
         """Start every vCPU, wait until the VM ends, stop them all; returns how it ended."""
-        install_kick_handler()
         self.events.add_listener(lambda _exit: self._kick_all())
         with _stop_on_signals(self.events):
             if self.serials is not None:
@@ -102,6 +102,24 @@ class VmInstance:
             log.error("%s", e)
         return vm_exit
 
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Suspend: every vCPU out of the guest and held; True when all are parked."""
+        for loop in self.loops:
+            loop.pause()
+        return all(loop.wait_parked(timeout) for loop in self.loops)
+
+    def resume(self) -> None:
+        for loop in self.loops:
+            loop.resume()
+
+    @property
+    def paused(self) -> bool:
+        return any(loop.paused for loop in self.loops)
+
+    def stop(self, message: str = "stopped by request") -> None:
+        """End the VM from outside (control socket): the run returns status 0."""
+        self.events.report(VmEvent.STOPPED, 0, message)
+
     def _kick_all(self) -> None:
         for loop in self.loops:
             loop.kick()
@@ -117,6 +135,9 @@ def _stop_on_signals(events: VmEventSink):
         events.report(VmEvent.STOPPED, 128 + signum,
                       f"stopped by {signal.Signals(signum).name}")
 
+    if threading.current_thread() is not threading.main_thread():
+        yield                   # only the main thread may set handlers (tests, embedders)
+        return
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -240,6 +261,7 @@ def build_vm(config: VmConfig, kvm: Kvm | None = None) -> VmInstance:
             raise ConfigError(f"--cpus {config.cpus}: this KVM allows at most "
                               f"{kvm.max_vcpus()} vCPUs")
         mem_size = config.mem_mib * MiB
+        install_kick_handler()    # here: build_vm runs on the main thread, run() may not
         vm = _create_vm(kvm, stack)
         mem = _create_memory(vm, mem_size, stack)
         inst = VmInstance(config, kvm, vm, mem, Bus("io"), Bus("mmio"), VmEventSink(),

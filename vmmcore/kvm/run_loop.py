@@ -47,7 +47,14 @@ def install_kick_handler() -> None:
     An ignored signal would not interrupt the ioctl and the default action would kill
     the process; a no-op handler makes KVM_RUN return EINTR and nothing else.
     """
-    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(KICK_SIGNAL, _ignore_kick)
+    elif signal.getsignal(KICK_SIGNAL) is not _ignore_kick:
+        raise RuntimeError("install_kick_handler() must first run on the main thread")
+
+
+def _ignore_kick(signum: int, frame: object) -> None:
+    """The kick signal's handler: its only job is to interrupt KVM_RUN."""
 
 
 class VcpuRunLoop:
@@ -62,9 +69,38 @@ class VcpuRunLoop:
                                        daemon=True)
         self.exits = 0
         self._warned: set[tuple[str, int]] = set()
+        self._may_run = threading.Event()    # cleared by pause()
+        self._may_run.set()
+        self.parked = threading.Event()      # set while paused outside KVM_RUN
 
     def start(self) -> None:
         self.thread.start()
+
+    def pause(self) -> None:
+        """Take the vCPU out of the guest and hold it (suspend); see wait_parked()."""
+        self._may_run.clear()
+        self.kick()
+
+    def resume(self) -> None:
+        self._may_run.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._may_run.is_set()
+
+    def wait_parked(self, timeout: float) -> bool:
+        """True once a paused vCPU is really out of KVM_RUN (or has ended)."""
+        return self.parked.wait(timeout) or not self.thread.is_alive()
+
+    def _park(self) -> None:
+        """Wait, outside KVM_RUN, until resumed or the VM ends."""
+        self.parked.set()
+        try:
+            while not self._may_run.wait(0.1):
+                if self.events.is_set():
+                    return
+        finally:
+            self.parked.clear()
 
     def kick(self) -> None:
         """Force the vCPU out of KVM_RUN; it then sees the VM has ended and returns."""
@@ -95,6 +131,8 @@ class VcpuRunLoop:
             if ret < 0:
                 if ret in (-errno.EINTR, -errno.EAGAIN):
                     vcpu.set_immediate_exit(False)
+                    if not self._may_run.is_set():
+                        self._park()
                     continue
                 events.report(VmEvent.ERROR, 1,
                               f"vcpu{vcpu.id}: KVM_RUN failed: {os.strerror(-ret)}")
