@@ -248,3 +248,12 @@ def test_pause_resume_and_stop_a_running_guest(tmp_path):
         inst.stop()
         runner.join(10)
         inst.close()
+
+
+def test_a_kernel_that_is_not_one_is_bad_input(tmp_path):
+    junk = tmp_path / "junk"
+    junk.write_bytes(os.urandom(4096))
+    result = vmm("run", str(junk))
+    assert result.returncode == 2
+    assert "neither a bzImage nor an ELF64 kernel" in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr

@@ -103,3 +103,8 @@ def test_fill_and_read_into(mem):
     buf = bytearray(10)
     mem.read_into(100, buf)
     assert buf == b"\xab" * 10
+
+
+def test_an_impossible_size_is_a_clear_error_not_an_oserror():
+    with pytest.raises(GuestMemoryError, match="cannot map"):
+        GuestMemory([(0, 1 << 50)])

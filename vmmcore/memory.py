@@ -51,16 +51,23 @@ class GuestMemory:
         """
         self.regions: tuple[MemoryRegion, ...] = self._layout(ranges)
         self.size = sum(r.size for r in self.regions)
-        if fd is None:
-            fd = os.memfd_create("vmm-guest-ram", os.MFD_CLOEXEC)
-            os.ftruncate(fd, self.size)
-        elif os.fstat(fd).st_size < self.size:
-            raise GuestMemoryError(
-                f"guest memory fd holds {os.fstat(fd).st_size} bytes, need {self.size}"
-            )
+        owned = fd is None
+        try:
+            if fd is None:
+                fd = os.memfd_create("vmm-guest-ram", os.MFD_CLOEXEC)
+                os.ftruncate(fd, self.size)
+            elif os.fstat(fd).st_size < self.size:
+                raise GuestMemoryError(
+                    f"guest memory fd holds {os.fstat(fd).st_size} bytes, need {self.size}"
+                )
+            self._mmap = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            if owned and fd is not None:
+                os.close(fd)
+            raise GuestMemoryError(f"cannot map {self.size >> 20} MiB of guest memory: "
+                                   f"{e.strerror}") from None
         self.fd = fd
-        self._mmap = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._view = memoryview(self._mmap)
         self._starts = [r.guest_addr for r in self.regions]
 

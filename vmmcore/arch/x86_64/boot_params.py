@@ -7,7 +7,7 @@ kernel's own setup header into the zero page, fill in the loader-owned fields
 exactly what a BIOS+boot loader pair would have left behind.
 
 The kernel image is hostile input (it may come from anywhere): every offset and size
-read from it is checked before use and problems raise KernelLoadError, a VmmError, so
+read from it is checked before use and problems raise KernelLoadError, a ConfigError (exit status 2), so
 the CLI prints one line instead of a traceback.
 """
 
@@ -18,11 +18,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from vmmcore.arch.x86_64 import layout
-from vmmcore.errors import VmmError
+from vmmcore.errors import ConfigError
 
 
-class KernelLoadError(VmmError):
-    """The kernel, initrd or command line cannot be loaded (bad image, does not fit)."""
+class KernelLoadError(ConfigError):
+    """The kernel, initrd or command line cannot be loaded (bad image, does not fit).
+
+    A ConfigError: the user named a file that cannot boot, so `vmm run` exits 2."""
 
 
 ZERO_PAGE_SIZE = 4096
