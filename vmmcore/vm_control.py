@@ -1,0 +1,398 @@
+"""VmMemoryRequest: a device asks the main process to map host memory into the guest.
+
+Only the main process owns the VM fd and the SystemAllocator, so a device that wants
+guest-visible shared memory (virtio-wl's VFD_NEW, later virtio-gpu blobs) sends a
+request and gets back where the memory now lives in guest-physical space:
+
+    RegisterMemory(fd, offset, size)  ->  MemoryRegistered(slot, guest_addr, size)
+    UnregisterMemory(slot)            ->  Ok()
+    anything that fails               ->  Err(message)
+
+VmMemoryController is the main-process side: it takes an address from the allocator's
+MMIO pool, mmaps the file (MAP_SHARED) and installs it in a new KVM memory slot
+(KVM_SET_USER_MEMORY_REGION); unregistering deletes the slot, unmaps and gives the
+address back. It never raises for a bad request: a device in a jailed process is
+untrusted, so every problem is an Err response.
+
+A device holds a VmMemoryClient, i.e. anything with ``request(req) -> response``:
+
+* in process (``--disable-sandbox``) the VmMemoryController itself;
+* in a sandboxed device process, SocketVmMemoryClient, which sends the request over the
+  device's SOCK_SEQPACKET socket (the fd as SCM_RIGHTS) and waits for the reply; the
+  main process answers with serve_request(sock, controller). encode_request /
+  decode_request / encode_response / decode_response are the wire format, for a
+  sandbox that multiplexes these messages with its own (bus access) messages.
+
+The controller does not take ownership of a request's fd: the mapping keeps the file
+alive, and the caller closes its descriptor whenever it likes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import mmap
+import os
+import socket
+import stat
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+from vmmcore.errors import VmmError
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = mmap.PAGESIZE
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+
+
+class VmMemoryError(VmmError):
+    """A VmMemoryRequest failed (the Err response's message)."""
+
+
+# -- requests and responses ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RegisterMemory:
+    """Map size bytes of fd, from offset, into the guest at an allocator address."""
+
+    fd: int
+    offset: int
+    size: int
+    readonly: bool = False
+    tag: str = "device memory"
+
+
+@dataclass(frozen=True)
+class UnregisterMemory:
+    """Remove the mapping in `slot` and give its guest address back."""
+
+    slot: int
+
+
+@dataclass(frozen=True)
+class MemoryRegistered:
+    """The memory is visible to the guest at guest_addr (KVM slot `slot`)."""
+
+    slot: int
+    guest_addr: int
+    size: int
+
+    @property
+    def pfn(self) -> int:
+        """The guest page frame number of guest_addr."""
+        return self.guest_addr >> PAGE_SHIFT
+
+
+@dataclass(frozen=True)
+class Ok:
+    """The request succeeded and has nothing to return."""
+
+
+@dataclass(frozen=True)
+class Err:
+    """The request failed; nothing changed in the guest."""
+
+    message: str
+
+
+VmMemoryRequest = RegisterMemory | UnregisterMemory
+VmMemoryResponse = MemoryRegistered | Ok | Err
+
+
+class VmMemoryClient(Protocol):
+    """What a device needs: send one request, get its response."""
+
+    def request(self, req: VmMemoryRequest) -> VmMemoryResponse:
+        """Execute req in the main process and return the response."""
+
+
+def register_memory(client: VmMemoryClient, fd: int, offset: int, size: int, *,
+                    readonly: bool = False, tag: str = "device memory") -> MemoryRegistered:
+    """RegisterMemory through client; raises VmMemoryError on an Err response."""
+    resp = client.request(RegisterMemory(fd, offset, size, readonly, tag))
+    if isinstance(resp, MemoryRegistered):
+        return resp
+    raise VmMemoryError(resp.message if isinstance(resp, Err) else f"unexpected {resp!r}")
+
+
+def unregister_memory(client: VmMemoryClient, slot: int) -> None:
+    """UnregisterMemory through client; raises VmMemoryError on an Err response."""
+    resp = client.request(UnregisterMemory(slot))
+    if isinstance(resp, Err):
+        raise VmMemoryError(resp.message)
+
+
+# -- the main-process side -----------------------------------------------------------------
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _host_mmap(fd: int, offset: int, size: int, readonly: bool) -> int:
+    prot = mmap.PROT_READ | (0 if readonly else mmap.PROT_WRITE)
+    addr = _libc.mmap(None, size, prot, mmap.MAP_SHARED, fd, offset)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of fd {fd} ({offset:#x}+{size:#x}): {os.strerror(err)}")
+    return addr
+
+
+def _host_munmap(addr: int, size: int) -> None:
+    if _libc.munmap(addr, size) != 0:
+        err = ctypes.get_errno()
+        log.error("munmap %#x+%#x: %s", addr, size, os.strerror(err))
+
+
+class VmLike(Protocol):
+    """The Vm operations the controller uses (vmmcore.kvm.Vm has them)."""
+
+    def add_memory_region(self, guest_addr: int, size: int, host_addr: int,
+                          readonly: bool = False) -> int: ...
+
+    def set_user_memory_region(self, slot: int, guest_addr: int, size: int, host_addr: int,
+                               readonly: bool = False) -> None: ...
+
+
+@dataclass
+class _Mapping:
+    slot: int
+    guest_addr: int
+    size: int
+    host_addr: int
+    tag: str
+
+
+class VmMemoryController:
+    """Executes VmMemoryRequests against a Vm and a SystemAllocator (main process).
+
+    Addresses come from the allocator's 64-bit MMIO pool (prefer_high=True, the
+    default) or its 32-bit pool; KVM slots freed by UnregisterMemory are reused, new ones
+    come from Vm.add_memory_region so they never collide with the RAM slots.
+    max_total caps the bytes mapped at once (a hostile device cannot exhaust the host).
+    """
+
+    def __init__(self, vm: VmLike, allocator, *, prefer_high: bool = True,
+                 max_total: int = 4 << 30) -> None:
+        self.vm = vm
+        self.allocator = allocator
+        self.prefer_high = prefer_high
+        self.max_total = max_total
+        self._lock = threading.Lock()
+        self._maps: dict[int, _Mapping] = {}
+        self._free_slots: list[int] = []
+        self._total = 0
+
+    @property
+    def mappings(self) -> list[MemoryRegistered]:
+        """The current mappings (for tests and `vmm` diagnostics)."""
+        with self._lock:
+            return [MemoryRegistered(m.slot, m.guest_addr, m.size)
+                    for m in sorted(self._maps.values(), key=lambda m: m.slot)]
+
+    def request(self, req: VmMemoryRequest) -> VmMemoryResponse:
+        """Execute one request; every failure is an Err, never an exception."""
+        try:
+            if isinstance(req, RegisterMemory):
+                return self._register(req)
+            if isinstance(req, UnregisterMemory):
+                self._unregister(req.slot)
+                return Ok()
+            return Err(f"unknown VmMemoryRequest {type(req).__name__}")
+        except (VmmError, OSError, ValueError) as e:
+            return Err(str(e))
+
+    execute = request
+
+    def _register(self, req: RegisterMemory) -> MemoryRegistered:
+        size, offset = req.size, req.offset
+        if size <= 0 or size % PAGE_SIZE or offset < 0 or offset % PAGE_SIZE:
+            raise VmMemoryError(f"register memory: offset {offset:#x} and size {size:#x} "
+                                "must be page aligned and size > 0")
+        st = os.fstat(req.fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size < offset + size:
+            raise VmMemoryError(f"register memory: the file holds {st.st_size:#x} bytes, "
+                                f"less than {offset:#x}+{size:#x}")
+        with self._lock:
+            if self._total + size > self.max_total:
+                raise VmMemoryError(f"register memory: {size:#x} more bytes would exceed "
+                                    f"the {self.max_total:#x}-byte limit")
+            guest_addr = self.allocator.allocate_mmio(size, req.tag or "device memory",
+                                                      align=PAGE_SIZE,
+                                                      prefer_high=self.prefer_high)
+            host_addr = 0
+            try:
+                host_addr = _host_mmap(req.fd, offset, size, req.readonly)
+                if self._free_slots:
+                    slot = self._free_slots.pop()
+                    try:
+                        self.vm.set_user_memory_region(slot, guest_addr, size, host_addr,
+                                                       req.readonly)
+                    except BaseException:
+                        self._free_slots.append(slot)
+                        raise
+                else:
+                    slot = self.vm.add_memory_region(guest_addr, size, host_addr,
+                                                     req.readonly)
+            except BaseException:
+                if host_addr:
+                    _host_munmap(host_addr, size)
+                self.allocator.release_mmio(guest_addr)
+                raise
+            self._maps[slot] = _Mapping(slot, guest_addr, size, host_addr, req.tag)
+            self._total += size
+        log.debug("vm_control: %s fd %d mapped at %#x+%#x (slot %d)", req.tag, req.fd,
+                  guest_addr, size, slot)
+        return MemoryRegistered(slot, guest_addr, size)
+
+    def _unregister(self, slot: int) -> None:
+        with self._lock:
+            m = self._maps.get(slot)
+            if m is None:
+                raise VmMemoryError(f"unregister memory: slot {slot} is not a device mapping")
+            self.vm.set_user_memory_region(slot, m.guest_addr, 0, 0)
+            del self._maps[slot]
+            self._total -= m.size
+            self._free_slots.append(slot)
+        _host_munmap(m.host_addr, m.size)
+        self.allocator.release_mmio(m.guest_addr)
+
+    def close(self) -> None:
+        """Remove every mapping (the VM is going away)."""
+        for slot in list(self._maps):
+            try:
+                self._unregister(slot)
+            except (VmmError, OSError) as e:
+                log.warning("vm_control: removing slot %d: %s", slot, e)
+
+
+# -- the wire format (for the sandbox's socket) -----------------------------------------------
+
+_KIND = struct.Struct("<I")
+_REQ_REGISTER = 1
+_REQ_UNREGISTER = 2
+_RESP_REGISTERED = 0x101
+_RESP_OK = 0x102
+_RESP_ERR = 0x103
+_REGISTER = struct.Struct("<IQQB")     # kind, offset, size, readonly; then the tag (utf-8)
+_UNREGISTER = struct.Struct("<II")     # kind, slot
+_REGISTERED = struct.Struct("<IIQQ")   # kind, slot, guest_addr, size
+MAX_MESSAGE = 4096
+
+
+def encode_request(req: VmMemoryRequest) -> tuple[bytes, list[int]]:
+    """The request as (bytes, fds to pass with SCM_RIGHTS)."""
+    if isinstance(req, RegisterMemory):
+        tag = req.tag.encode()[:256]
+        return _REGISTER.pack(_REQ_REGISTER, req.offset, req.size, req.readonly) + tag, [req.fd]
+    if isinstance(req, UnregisterMemory):
+        return _UNREGISTER.pack(_REQ_UNREGISTER, req.slot), []
+    raise TypeError(f"not a VmMemoryRequest: {req!r}")
+
+
+def decode_request(data: bytes, fds: list[int]) -> VmMemoryRequest:
+    """Parse a request from an untrusted peer (ValueError when malformed)."""
+    if len(data) < _KIND.size:
+        raise ValueError("VmMemoryRequest: short message")
+    (kind,) = _KIND.unpack_from(data)
+    if kind == _REQ_REGISTER and len(data) >= _REGISTER.size and len(fds) == 1:
+        _, offset, size, readonly = _REGISTER.unpack_from(data)
+        tag = data[_REGISTER.size:].decode(errors="replace")
+        return RegisterMemory(fds[0], offset, size, bool(readonly), tag)
+    if kind == _REQ_UNREGISTER and len(data) == _UNREGISTER.size and not fds:
+        return UnregisterMemory(_UNREGISTER.unpack(data)[1])
+    raise ValueError(f"VmMemoryRequest: malformed message (kind {kind:#x}, "
+                     f"{len(data)} bytes, {len(fds)} fds)")
+
+
+def encode_response(resp: VmMemoryResponse) -> bytes:
+    if isinstance(resp, MemoryRegistered):
+        return _REGISTERED.pack(_RESP_REGISTERED, resp.slot, resp.guest_addr, resp.size)
+    if isinstance(resp, Ok):
+        return _KIND.pack(_RESP_OK)
+    if isinstance(resp, Err):
+        return _KIND.pack(_RESP_ERR) + resp.message.encode()[:MAX_MESSAGE - 4]
+    raise TypeError(f"not a VmMemoryResponse: {resp!r}")
+
+
+def decode_response(data: bytes) -> VmMemoryResponse:
+    if len(data) < _KIND.size:
+        raise ValueError("VmMemoryResponse: short message")
+    (kind,) = _KIND.unpack_from(data)
+    if kind == _RESP_REGISTERED and len(data) == _REGISTERED.size:
+        _, slot, guest_addr, size = _REGISTERED.unpack(data)
+        return MemoryRegistered(slot, guest_addr, size)
+    if kind == _RESP_OK:
+        return Ok()
+    if kind == _RESP_ERR:
+        return Err(data[4:].decode(errors="replace"))
+    raise ValueError(f"VmMemoryResponse: unknown kind {kind:#x}")
+
+
+def _recv_with_fds(sock: socket.socket, max_fds: int) -> tuple[bytes, list[int]]:
+    data, ancdata, _flags, _addr = sock.recvmsg(MAX_MESSAGE,
+                                                socket.CMSG_SPACE(max_fds * 4))
+    fds: list[int] = []
+    for level, typ, cdata in ancdata:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            n = len(cdata) // 4
+            fds.extend(struct.unpack(f"<{n}i", cdata[:4 * n]))
+    return data, fds
+
+
+class SocketVmMemoryClient:
+    """A VmMemoryClient in a device process: requests cross a SOCK_SEQPACKET socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._lock = threading.Lock()
+
+    def request(self, req: VmMemoryRequest) -> VmMemoryResponse:
+        data, fds = encode_request(req)
+        with self._lock:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"<{len(fds)}i", *fds))]
+            self.sock.sendmsg([data], anc if fds else [])
+            reply, stray = _recv_with_fds(self.sock, 1)
+        for fd in stray:
+            os.close(fd)
+        try:
+            return decode_response(reply)
+        except ValueError as e:
+            return Err(str(e))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+def serve_request(sock: socket.socket, controller: VmMemoryController) -> bool:
+    """Main process: answer one request from sock; False when the peer has gone."""
+    data, fds = _recv_with_fds(sock, 4)
+    if not data and not fds:
+        return False
+    try:
+        try:
+            resp = controller.request(decode_request(data, fds))
+        except ValueError as e:
+            resp = Err(str(e))
+        sock.send(encode_response(resp))
+    finally:
+        for fd in fds:      # the mapping holds the file; our copy of the fd goes
+            os.close(fd)
+    return True
+
+
+__all__ = [
+    "Err", "MemoryRegistered", "Ok", "PAGE_SHIFT", "PAGE_SIZE", "RegisterMemory",
+    "SocketVmMemoryClient", "UnregisterMemory", "VmMemoryClient", "VmMemoryController",
+    "VmMemoryError", "VmMemoryRequest", "VmMemoryResponse", "decode_request",
+    "decode_response", "encode_request", "encode_response", "register_memory",
+    "serve_request", "unregister_memory",
+]
