@@ -162,6 +162,19 @@ int acpi_init(struct acpi_info *info)
 		} else if (sig_is(t, "FACP") && !info->fadt) {
 			info->fadt = t;
 			parse_fadt(info, t, tlen);
+		} else if (sig_is(t, "MCFG") && !info->mcfg && tlen >= 44 + 16) {
+			/* header, 8 reserved bytes, then 16-byte allocations: base u64,
+			 * segment u16, start bus u8, end bus u8, 4 reserved */
+			u64 base = rd64(t + 44);
+			u8 start = rd8(t + 54), end = rd8(t + 55);
+			if (base && !(base & 0xfffff) && start <= end &&
+			    base + ((u64)(end + 1) << 20) <= 0x100000000ULL) {
+				info->mcfg = t;
+				info->ecam_base = base;
+				info->ecam_segment = (u16)(rd32(t + 52) & 0xffff);
+				info->ecam_bus_start = start;
+				info->ecam_bus_end = end;
+			}
 		}
 	}
 	return 0;

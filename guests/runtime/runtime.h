@@ -54,8 +54,52 @@ static inline void mmio_write32(u64 addr, u32 v)
 	__asm__ volatile("movl %0, (%1)" : : "r"(v), "r"(addr) : "memory");
 }
 
+static inline u16 mmio_read16(u64 addr)
+{
+	u16 v;
+	__asm__ volatile("movw (%1), %0" : "=r"(v) : "r"(addr) : "memory");
+	return v;
+}
+static inline u8 mmio_read8(u64 addr)
+{
+	u8 v;
+	__asm__ volatile("movb (%1), %0" : "=q"(v) : "r"(addr) : "memory");
+	return v;
+}
+static inline void mmio_write16(u64 addr, u16 v)
+{
+	__asm__ volatile("movw %0, (%1)" : : "r"(v), "r"(addr) : "memory");
+}
+static inline void mmio_write8(u64 addr, u8 v)
+{
+	__asm__ volatile("movb %0, (%1)" : : "q"(v), "r"(addr) : "memory");
+}
+/* A 64-bit register as two 32-bit accesses, low half first (virtio 1.2, 4.1.3.1). */
+static inline u64 mmio_read64_split(u64 addr)
+{
+	u32 lo = mmio_read32(addr);
+	return (u64)mmio_read32(addr + 4) << 32 | lo;
+}
+static inline void mmio_write64_split(u64 addr, u64 v)
+{
+	mmio_write32(addr, (u32)v);
+	mmio_write32(addr + 4, (u32)(v >> 32));
+}
+
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
+static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
+/* Orders the guest's ring writes before the index update (x86: a compiler barrier). */
+static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+/* A full fence for "publish the avail index, then read the device's flags/idx". */
+static inline void mb(void) { __asm__ volatile("lock; addl $0, (%%rsp)" ::: "memory", "cc"); }
+
+static inline u64 rdmsr(u32 msr)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+	return (u64)hi << 32 | lo;
+}
 
 static inline void cpuid(u32 leaf, u32 subleaf, u32 *a, u32 *b, u32 *c, u32 *d)
 {
@@ -135,6 +179,90 @@ void pci_write16(u8 bus, u8 dev, u8 fn, u8 off, u16 v);
 void pci_write8(u8 bus, u8 dev, u8 fn, u8 off, u8 v);
 const char *pci_class_name(u8 class_code, u8 subclass);
 
+/*
+ * PCI through either mechanism: a function is (bus, dev, fn) plus the access method.
+ * ECAM (PCIe enhanced configuration, 4 KiB per function, MMIO) needs the MCFG base,
+ * which pci_ecam_init() takes from ACPI.  Every config access in the helpers below
+ * goes through the method stored in the struct, so a test can run the same code over
+ * both and compare.
+ */
+enum pci_method { PCI_CF8 = 0, PCI_ECAM = 1 };
+
+struct pci_ecam {
+	u64 base;		/* 0 if there is no MCFG */
+	u8 bus_start, bus_end;
+	u16 segment;
+};
+/* Finds the MCFG through acpi() and fills *out; returns 0 if an ECAM window exists. */
+int pci_ecam_init(struct pci_ecam *out);
+/* The cached ECAM window (pci_ecam_init on first use); base 0 if absent. */
+const struct pci_ecam *pci_ecam(void);
+
+u32 pci_ecam_read32(u8 bus, u8 dev, u8 fn, u16 off);
+void pci_ecam_write32(u8 bus, u8 dev, u8 fn, u16 off, u32 v);
+
+struct pci_func {
+	u8 bus, dev, fn;
+	u8 method;		/* enum pci_method */
+	u16 vendor, device;
+	u8 class_code, subclass, prog_if, revision;
+	u8 header_type;		/* without the multi-function bit */
+	u64 bar_addr[6];	/* assigned addresses (0: none; the upper half of a 64-bit BAR is 0) */
+	u64 bar_size[6];
+	u8 bar_flags[6];	/* PCI_BAR_* below */
+};
+#define PCI_BAR_IO 0x01
+#define PCI_BAR_MEM64 0x02
+#define PCI_BAR_PREFETCH 0x04
+#define PCI_BAR_UPPER 0x08	/* the upper dword of the 64-bit BAR before it */
+
+#define PCI_COMMAND 0x04
+#define PCI_COMMAND_IO 0x1
+#define PCI_COMMAND_MEMORY 0x2
+#define PCI_COMMAND_MASTER 0x4
+#define PCI_COMMAND_INTX_DISABLE 0x400
+#define PCI_STATUS_CAP_LIST 0x10
+#define PCI_CAP_PTR 0x34
+#define PCI_CAP_ID_MSIX 0x11
+#define PCI_CAP_ID_VNDR 0x09
+
+u32 pcif_read32(const struct pci_func *f, u16 off);
+u16 pcif_read16(const struct pci_func *f, u16 off);
+u8 pcif_read8(const struct pci_func *f, u16 off);
+/* Sub-dword writes are done as read-modify-write of the dword over ECAM too. */
+void pcif_write32(const struct pci_func *f, u16 off, u32 v);
+void pcif_write16(const struct pci_func *f, u16 off, u16 v);
+void pcif_write8(const struct pci_func *f, u16 off, u8 v);
+
+/*
+ * Scans bus 0 (every device, functions 1-7 of multi-function ones) with the given
+ * method; fills up to max entries (ids, class, header type; no BARs) and returns the
+ * number of functions found (which may exceed max).
+ */
+unsigned pci_scan(enum pci_method method, struct pci_func *out, unsigned max);
+/* The first function with this vendor:device in a scan by method; 0 if found. */
+int pci_find(enum pci_method method, u16 vendor, u16 device, struct pci_func *out);
+
+/* A bump allocator over an address window, naturally aligning each BAR. */
+struct pci_window {
+	u64 next, end;
+};
+#define PCI_LOW_MMIO_START 0xc0000000UL
+#define PCI_LOW_MMIO_END 0xe0000000UL	/* ECAM starts here */
+#define PCI_IO_START 0x1000UL
+#define PCI_IO_END 0x10000UL
+/*
+ * What the firmware would do, for one type-0 function: decode off, size each BAR
+ * (write all-ones, read the mask back, restore), give it a naturally aligned address
+ * from mem (or io for IO BARs; 64-bit BARs get both halves, the upper one 0), write it,
+ * read it back, then enable memory (and IO if used) decode and bus mastering.
+ * Fills f->bar_*; returns 0, or -1 if a BAR did not fit or did not read back.
+ */
+int pci_assign_bars(struct pci_func *f, struct pci_window *mem, struct pci_window *io);
+/* Walks the capability list (bounded); returns the offset of the first capability with
+ * this id after the one at `from` (0: from the start of the list), 0 if none. */
+u8 pci_find_cap(const struct pci_func *f, u8 id, u8 from);
+
 /* ---- ACPI ---- */
 struct acpi_info {
 	u64 rsdp;		/* 0 if no RSDP was found */
@@ -149,6 +277,11 @@ struct acpi_info {
 	u16 pm1a_cnt;		/* PM1a control port from the FADT, 0 if none */
 	u8 s5_slp_typ;		/* SLP_TYP for S5 (from the DSDT's \_S5, default 5) */
 	int s5_from_dsdt;	/* 1 if s5_slp_typ was read from the DSDT */
+	/* "MCFG": the first ECAM allocation (PCIe enhanced configuration); 0 if absent */
+	u64 mcfg;
+	u64 ecam_base;
+	u16 ecam_segment;
+	u8 ecam_bus_start, ecam_bus_end;
 };
 
 /* Scans 0xE0000..0xFFFFF for the RSDP and reads the MADT and FADT; returns 0 if found. */
