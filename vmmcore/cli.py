@@ -24,7 +24,43 @@ def fail(message: str, status: int = 1) -> None:
     sys.exit(status)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class VmmGroup(click.Group):
+    """The `vmm` group: adds plugins' own `run` options only when `run` is invoked.
+
+    `vmm --help` must not load plugins (it lists commands through get_command), so the
+    vmm_cli_options hook is called from resolve_command, which click uses only for the
+    subcommand actually being run (including `vmm run --help`).
+    """
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is run:
+            _add_plugin_options(cmd)
+        return name, cmd, rest
+
+
+def _add_plugin_options(cmd: click.Command) -> None:
+    """Options from the vmm_cli_options hook; a clash with an existing option is skipped."""
+    if getattr(cmd, "_plugin_options_added", False):
+        return
+    cmd._plugin_options_added = True  # type: ignore[attr-defined]
+    from vmmcore.registry import get_registry
+
+    taken = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+    taken |= {p.name for p in cmd.params}
+    for options in get_registry().hook_manager().hook.vmm_cli_options(command="run"):
+        for option in options or ():
+            names = {*option.opts, *option.secondary_opts, option.name}
+            if names & taken:
+                logging.getLogger(__name__).warning(
+                    "plugin option %s clashes with an existing option; ignored",
+                    "/".join(option.opts))
+                continue
+            taken |= names
+            cmd.params.append(option)
+
+
+@click.group(cls=VmmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vmm")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -49,11 +85,11 @@ def main(verbose: int) -> None:
 @device_options
 def run(kernel: Path | None, initrd: Path | None, params: tuple[str, ...], cpus: int,
         mem_mib: int, serial: tuple[str, ...], disable_sandbox: bool, kvm_device: Path,
-        device_args: DeviceArgs) -> None:
+        device_args: DeviceArgs, **plugin_options: object) -> None:
     """Boot KERNEL (bzImage or ELF vmlinux); with no KERNEL, the built-in demo guest."""
     config = VmConfig(kernel=kernel, initrd=initrd, params=list(params), cpus=cpus,
                       mem_mib=mem_mib, serial=list(serial), disable_sandbox=disable_sandbox,
-                      kvm_device=kvm_device)
+                      kvm_device=kvm_device, plugin_options=plugin_options)
     try:
         config.validate()
         config.devices = collect_devices(device_args)

@@ -39,6 +39,7 @@ class VmConfig:
     seccomp_log_failures: bool = False
     socket: Path | None = None
     kvm_device: Path = Path("/dev/kvm")
+    plugin_options: dict[str, Any] = field(default_factory=dict)   # vmm_cli_options values
 
     def validate(self) -> None:
         """Raise ConfigError with one clear line for anything that cannot work."""

@@ -53,9 +53,11 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def vmm_cli_options(command: str) -> list[Any]:
     """Return extra click options (``click.Option`` objects) for the command ``command``.
 
-    Not called yet: `vmm --help` must not load plugins, so the CLI needs a lazily
-    built `run` command before it can offer plugin options.  Until then, and for
-    device settings always, use the device's option schema (``--device NAME:key=value``).
+    Called for ``command="run"`` when `vmm run` is invoked (never for `vmm --help`); the
+    values land in ``VmConfig.plugin_options`` under each option's name, where the
+    plugin's vmm_configure and later hooks read them. An option whose name clashes with
+    an existing one is skipped with a warning. For device settings, use the device's
+    option schema (``--device NAME:key=value``) instead.
     """
 
 
