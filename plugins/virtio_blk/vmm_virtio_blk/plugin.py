@@ -17,6 +17,9 @@ def _validate(options: dict[str, Any]) -> None:
         raise ValueError(f"block_size={bs} is not a power of two")
     if len(options["id"].encode()) > 20:
         raise ValueError(f"id={options['id']!r} is longer than 20 bytes (VIRTIO_BLK_ID_BYTES)")
+    qs = options["queue_size"]
+    if qs & (qs - 1):
+        raise ValueError(f"queue_size={qs} is not a power of two")
     fmt = options["format"]
     if fmt != "auto":
         from vmmcore.registry import get_registry
@@ -45,9 +48,13 @@ PLUGIN = PluginSpec(
             help="Disk format plugin (see `vmm plugins list --kind disk_format`); "
                  "auto detects it from the image's header."),
         Int("num_queues", default=1, min=1, max=16, help="Number of request virtqueues."),
+        Int("queue_size", default=256, min=2, max=32768,
+            help="Entries per virtqueue (a power of two)."),
+        Int("io_threads", default=32, min=1, max=256,
+            help="Threads serving requests concurrently (the real queue depth)."),
     ),
     positional="path",
     policy="virtio_blk.policy",
-    factory=None,   # the device model comes with the virtio-blk issue
+    factory="vmm_virtio_blk.device:create",   # create(options, ctx) -> VirtioBlock
     validate=_validate,
 )
