@@ -13,7 +13,7 @@ def test_registered():
     assert rec is not None and not rec.broken, rec and rec.error
     assert rec.spec is PLUGIN and rec.kind == "disk_format"
     assert rec.policy_path.name == "raw.policy"
-    assert rec.status == "not implemented yet"
+    assert rec.status == "ok" and PLUGIN.factory == "vmm_raw.raw:RawFormat"
     assert "raw" in reg.names("disk_format")
 
 
