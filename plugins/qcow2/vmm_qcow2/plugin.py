@@ -12,5 +12,5 @@ PLUGIN = PluginSpec(
     options=(),
     policy="qcow2.policy",
     magic=b"QFI\xfb",
-    factory=None,   # the format comes with the qcow2 issue
+    factory="vmm_qcow2.image:Qcow2Format",
 )
