@@ -220,14 +220,19 @@ unsigned pci_scan(enum pci_method method, struct pci_func *out, unsigned max)
 
 int pci_find(enum pci_method method, u16 vendor, u16 device, struct pci_func *out)
 {
-	struct pci_func all[32];
-	unsigned n = pci_scan(method, all, ARRAY_SIZE(all));
-	if (n > ARRAY_SIZE(all))
-		n = ARRAY_SIZE(all);
-	for (unsigned i = 0; i < n; i++) {
-		if (all[i].vendor == vendor && all[i].device == device) {
-			*out = all[i];
-			return 0;
+	struct pci_func f;
+	for (u8 dev = 0; dev < 32; dev++) {
+		u8 nfn = 1;
+		for (u8 fn = 0; fn < nfn; fn++) {
+			if (!probe_func(method, dev, fn, &f))
+				continue;
+			if (fn == 0 && (f.header_type & 0x80))
+				nfn = 8;
+			f.header_type &= 0x7f;
+			if (f.vendor == vendor && f.device == device) {
+				*out = f;
+				return 0;
+			}
 		}
 	}
 	return -1;
