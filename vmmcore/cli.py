@@ -82,14 +82,17 @@ def main(verbose: int) -> None:
 @click.option("--disable-sandbox", is_flag=True, help="Run devices in the main process.")
 @click.option("--kvm-device", type=click.Path(path_type=Path), default=Path("/dev/kvm"),
               show_default=True, help="Path to the KVM device.")
+@click.option("-s", "--socket", "socket_path", type=click.Path(path_type=Path),
+              help="Control socket for `vmm stop/suspend/resume/status/... PATH`.")
 @device_options
 def run(kernel: Path | None, initrd: Path | None, params: tuple[str, ...], cpus: int,
         mem_mib: int, serial: tuple[str, ...], disable_sandbox: bool, kvm_device: Path,
-        device_args: DeviceArgs, **plugin_options: object) -> None:
+        socket_path: Path | None, device_args: DeviceArgs, **plugin_options: object) -> None:
     """Boot KERNEL (bzImage or ELF vmlinux); with no KERNEL, the built-in demo guest."""
     config = VmConfig(kernel=kernel, initrd=initrd, params=list(params), cpus=cpus,
                       mem_mib=mem_mib, serial=list(serial), disable_sandbox=disable_sandbox,
-                      kvm_device=kvm_device, plugin_options=plugin_options)
+                      kvm_device=kvm_device, socket=socket_path,
+                      plugin_options=plugin_options)
     try:
         config.validate()
         config.devices = collect_devices(device_args)
@@ -106,6 +109,11 @@ def run(kernel: Path | None, initrd: Path | None, params: tuple[str, ...], cpus:
 from vmmcore.cli_plugins import plugins as _plugins_group  # noqa: E402
 
 main.add_command(_plugins_group)
+
+from vmmcore import cli_control as _control  # noqa: E402
+
+for _command in _control.COMMANDS:
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,10 @@ class VmInstance:
     allocator: SystemAllocator | None = None
     pci_root: PciRoot | None = None
     loops: list[VcpuRunLoop] = field(default_factory=list)
+    #: The ACPI PM device (the control socket's powerbtn presses its button).
+    acpi_pm: AcpiPmDevice | None = None
+    #: The --device plugins as created: (DeviceConfig, PciDevice), command-line order.
+    plugin_devices: list[tuple[DeviceConfig, PciDevice]] = field(default_factory=list)
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def irq_interrupt(self, gsi: int) -> IrqFdInterrupt:
@@ -201,8 +205,8 @@ def _add_legacy_devices(inst: VmInstance) -> None:
     inst.add_io_device(Cmos(mem_size), layout.CMOS_PORT, 2)
     # The SCI is level-triggered (MADT override), so drive the line, not an irqfd pulse.
     sci = CallbackInterrupt(lambda level: inst.vm.set_irq_line(layout.SCI_IRQ, level))
-    inst.add_io_device(AcpiPmDevice(inst.events, sci), layout.ACPI_PM_BASE,
-                       layout.ACPI_PM_SIZE)
+    inst.acpi_pm = AcpiPmDevice(inst.events, sci)
+    inst.add_io_device(inst.acpi_pm, layout.ACPI_PM_BASE, layout.ACPI_PM_SIZE)
     inst.add_io_device(DebugExit(inst.events), layout.DEBUG_EXIT_PORT, 4)
 
 
@@ -246,6 +250,7 @@ def _add_plugin_devices(inst: VmInstance) -> None:
         pci_device = _create_device(inst, device, index)
         inst.pci_root.add_device(pci_device)
         created.append((device, pci_device))
+        inst.plugin_devices.append((device, pci_device))
     call_hook("vmm_devices_created", vm=inst, devices=created)
 
 

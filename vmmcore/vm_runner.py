@@ -24,11 +24,24 @@ def describe_exit(vm_exit: VmExit) -> str:
 
 def run_vm(config: VmConfig) -> int:
     """Build, run and tear down one VM; returns the exit status."""
-    inst = build_vm(config)
+    server = None
+    if config.socket is not None:      # bound first: a busy socket fails before the VM
+        from vmmcore.control_socket import ControlServer
+
+        server = ControlServer(config.socket)
     try:
-        vm_exit = inst.run()
+        inst = build_vm(config)
+        try:
+            if server is not None:
+                server.start(inst)
+            vm_exit = inst.run()
+        finally:
+            if server is not None:
+                server.close()
+            inst.close()
     finally:
-        inst.close()
+        if server is not None:
+            server.close()
     quiet = vm_exit.event in (VmEvent.POWEROFF, VmEvent.RESET, VmEvent.GUEST_EXIT) \
         and vm_exit.status == 0
     if not quiet:
