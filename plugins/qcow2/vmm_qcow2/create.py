@@ -130,6 +130,6 @@ def create_image(path: Path, size: int | None = None, *, backing_file: str | Non
 
     img = Qcow2File(path, False, opener)
     try:
-        img.resize(size)
+        img.resize(size, hide_backing=False)
     finally:
         img.close()

@@ -1009,7 +1009,9 @@ class Qcow2File(DiskFile):
 
     # resize --------------------------------------------------------------------
 
-    def resize(self, new_size: int) -> None:
+    def resize(self, new_size: int, *, hide_backing: bool = True) -> None:
+        """Grow or shrink the virtual disk. What a grow adds reads as zeroes, even where
+        the backing file is longer (hide_backing=False, used at creation, shows it)."""
         if self.read_only:
             raise DiskError(f"qcow2 image {self.path} is read-only")
         if new_size < 0 or new_size > MAX_VIRTUAL_SIZE:
@@ -1031,7 +1033,7 @@ class Qcow2File(DiskFile):
                 tail_end = min(new_size, -(-old // cs) * cs)
                 if old % cs and tail_end > old:
                     self._write_zero_bytes(old, tail_end - old)
-                if self.backing is not None and self.backing.size > tail_end:
+                if hide_backing and self.backing is not None and self.backing.size > tail_end:
                     top = min(new_size, self.backing.size)
                     if top > tail_end:
                         self._zero_or_discard(tail_end, top - tail_end, "zero")
