@@ -218,7 +218,10 @@ class VmMemoryController:
             raise VmMemoryError(f"register memory: offset {offset:#x} and size {size:#x} "
                                 "must be page aligned and size > 0")
         st = os.fstat(req.fd)
-        if stat.S_ISREG(st.st_mode) and st.st_size < offset + size:
+        # Pages wholly past the end of a file would fault (SIGBUS / EFAULT) when touched;
+        # the partial page at the end is fine.
+        file_pages = (st.st_size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        if stat.S_ISREG(st.st_mode) and file_pages < offset + size:
             raise VmMemoryError(f"register memory: the file holds {st.st_size:#x} bytes, "
                                 f"less than {offset:#x}+{size:#x}")
         with self._lock:

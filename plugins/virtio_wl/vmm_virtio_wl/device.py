@@ -620,6 +620,8 @@ class VirtioWl(VirtioDevice):
                           f"(at most {MAX_SEND_DATA})")
         data = reader.read()
         if target.sock is not None:
+            if fds and not data:    # a stream socket would drop the fds without a byte
+                raise WlError("VFD_SEND of fds without data cannot cross a stream socket")
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"<{len(fds)}i", *fds))]
             try:
                 sent = target.sock.sendmsg([data], anc if fds else [])
