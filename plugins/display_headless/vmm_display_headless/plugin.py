@@ -14,5 +14,5 @@ PLUGIN = PluginSpec(
     summary="no window: scanouts are kept in memory (tests, servers, screenshots)",
     options=(),
     policy="headless.policy",
-    factory=None,   # the backend comes with the virtio-gpu issue
+    factory="vmm_display_headless.headless:HeadlessDisplay",
 )

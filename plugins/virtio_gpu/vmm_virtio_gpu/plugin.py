@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmmcore.plugin_api import Bool, Enum, Int, PluginSpec, Size, Str
+from vmmcore.plugin_api import Bool, Enum, Int, Path, PluginSpec, Size, Str
 
 
 def _validate(options: dict[str, Any]) -> None:
@@ -35,6 +35,11 @@ PLUGIN = PluginSpec(
             help="Display backend plugin that shows the scanout "
                  "(see `vmm plugins list --kind display`)."),
         Int("refresh_rate", default=60, min=1, max=240, help="Vertical refresh rate (Hz)."),
+        Int("num_scanouts", default=1, min=1, max=16,
+            help="Number of displays (scanouts) the guest sees, each width x height."),
+        Path("screenshot", default=None,
+             help="Write each scanout as a PNG here (scanout N>0: NAME-N.png): at most "
+                  "twice a second while the guest draws, and when the VM stops."),
         Size("hostmem", default=0, min=0, max=4 << 30,
              help="Host-visible memory region for blob resources (0: none)."),
         Bool("window_keyboard", default=False,
@@ -45,6 +50,6 @@ PLUGIN = PluginSpec(
                   "(crosvm's --display-window-mouse)."),
     ),
     policy="virtio_gpu.policy",
-    factory=None,   # the device model comes with the virtio-gpu issue
+    factory="vmm_virtio_gpu.device:create",
     validate=_validate,
 )
