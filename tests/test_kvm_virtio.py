@@ -123,9 +123,10 @@ def test_virtio_rng_guest_without_the_device_exits_with_its_not_found_status():
     assert "no 1af4:1044 on bus 0" in result.stdout
 
 
-def test_virtio_rng_guest_gets_random_bytes_through_msix():
+@pytest.mark.parametrize("sandbox", [[], ["--disable-sandbox"]], ids=["default", "no-sandbox"])
+def test_virtio_rng_guest_gets_random_bytes_through_msix(sandbox):
     require_plugins(("device", "virtio_rng"))
-    result = vmm("run", str(guest("tests/virtio_rng")), "--device", "virtio_rng")
+    result = vmm("run", *sandbox, str(guest("tests/virtio_rng")), "--device", "virtio_rng")
     assert result.returncode not in EXCEPTION_EXITS, explain(result)
     assert result.returncode == 0, explain(result)
     out = result.stdout
