@@ -115,6 +115,10 @@ from vmmcore import cli_control as _control  # noqa: E402
 for _command in _control.COMMANDS:
     main.add_command(_command)
 
+from vmmcore.cli_disk import add_disk_commands as _add_disk_commands  # noqa: E402
+
+_add_disk_commands(main)  # `vmm create_qcow2`, `vmm disk info|check|convert`
+
 
 if __name__ == "__main__":
     main()
