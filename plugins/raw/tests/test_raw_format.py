@@ -372,3 +372,31 @@ def test_closed_disk(img):
     assert d.fds() == []
     with pytest.raises(DiskError, match="is closed"):
         d.read_into(0, [memoryview(bytearray(512))])
+
+
+def test_direct_alignment_adapts_after_einval(img, monkeypatch):
+    """A device with 4 KiB sectors refuses 512-aligned O_DIRECT: switch to 4 KiB."""
+    path, data = img
+    try:
+        d = open_disk(path, direct=True)
+    except DiskError as e:
+        pytest.skip(f"no O_DIRECT here: {e}")
+    real = os.preadv
+    refused = []
+
+    def picky(fd, bufs, offset):
+        if fd == d.fds()[1] and (offset % 4096 or sum(len(b) for b in bufs) % 4096):
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(raw_mod.os, "preadv", picky)
+    with d:
+        m = mmap.mmap(-1, 8192)
+        view = memoryview(m)
+        d.read_into(512, [view[:1024]])           # 512-aligned: refused, then buffered
+        assert refused == [512] and d._align == 4096
+        assert bytes(view[:1024]) == data[512:1536]
+        d.read_into(4096, [view[:4096]])          # 4 KiB aligned: straight through
+        assert refused == [512] and bytes(view[:4096]) == data[4096:8192]
+        view.release()

@@ -38,7 +38,10 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-#: Alignment used for O_DIRECT transfers (memory address, file offset and length).
+#: Alignment tried first for O_DIRECT transfers (memory address, file offset and length):
+#: the logical block size of most devices. After an EINVAL the disk switches to
+#: DIRECT_ALIGN (4 KiB-sector devices, file systems that want page alignment).
+MIN_DIRECT_ALIGN = 512
 DIRECT_ALIGN = 4096
 #: Largest bounce buffer / zero-fill chunk.
 CHUNK = 1 << 20
@@ -115,6 +118,7 @@ class RawDisk(DiskFile):
             mode = "read-only" if read_only else "read-write"
             raise DiskError(f"cannot open raw disk image {path} {mode}: {e.strerror}") from None
         self._dfd = -1
+        self._align = MIN_DIRECT_ALIGN
         self._lock = threading.Lock()
         self._closed = False
         try:
@@ -198,8 +202,8 @@ class RawDisk(DiskFile):
             except InterruptedError:
                 continue
             except OSError as e:
-                raise DiskError(f"raw disk image {self.path}: read at {offset} failed: "
-                                f"{e.strerror}") from None
+                raise _error(f"raw disk image {self.path}: read at {offset} failed: "
+                             f"{e.strerror}", e.errno) from None
             if n == 0:  # end of file: the rest reads as zeroes
                 for v in views:
                     v[:] = bytes(v.nbytes)
@@ -216,8 +220,8 @@ class RawDisk(DiskFile):
             except InterruptedError:
                 continue
             except OSError as e:
-                raise DiskError(f"raw disk image {self.path}: write at {offset} failed: "
-                                f"{e.strerror}") from None
+                raise _error(f"raw disk image {self.path}: write at {offset} failed: "
+                             f"{e.strerror}", e.errno) from None
             if n <= 0:
                 raise DiskError(f"raw disk image {self.path}: write at {offset} made no "
                                 "progress")
@@ -228,7 +232,7 @@ class RawDisk(DiskFile):
 
     def _direct_io(self, offset: int, views: list[memoryview], total: int,
                    write: bool) -> None:
-        a = DIRECT_ALIGN
+        a = self._align
         if offset % a or total % a:
             # The kernel would refuse it: the buffered descriptor serves this one.
             self._buffered(offset, views, write)
@@ -240,8 +244,14 @@ class RawDisk(DiskFile):
                 else:
                     self._preadv(self._dfd, offset, views)
                 return
-            except DiskError:
-                pass  # e.g. EINVAL on a device with larger sectors: retry buffered
+            except DiskError as e:
+                if getattr(e, "errno", None) == errno.EINVAL and a < DIRECT_ALIGN:
+                    self._align = DIRECT_ALIGN
+                    log.info("raw disk image %s: O_DIRECT needs %d-byte alignment",
+                             self.path, DIRECT_ALIGN)
+                    self._direct_io(offset, views, total, write)
+                    return
+            # another refusal (or a real error): the buffered descriptor decides
             self._buffered(offset, views, write)
             return
         self._bounce(offset, views, total, write)
@@ -386,6 +396,13 @@ class RawDisk(DiskFile):
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 setattr(self, name, -1)
+
+
+def _error(message: str, err: int | None) -> DiskError:
+    """A DiskError that remembers the errno behind it."""
+    e = DiskError(message)
+    e.errno = err  # type: ignore[attr-defined]
+    return e
 
 
 def _take(views: list[memoryview], n: int) -> list[memoryview]:

@@ -27,7 +27,7 @@ import os
 import struct
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -166,8 +166,10 @@ class VirtioBlock(VirtioDevice):
         self._build_config()
         self._qlocks: list[threading.Lock] = []
         self._pool: ThreadPoolExecutor | None = None
-        self._inflight: set[Future[None]] = set()
+        self._inflight = 0
         self._inflight_lock = threading.Lock()
+        #: run a lone request in the worker thread itself (see handle_queue)
+        self.inline_single = True
         self._writethrough = False
         self._failed = False
 
@@ -238,8 +240,6 @@ class VirtioBlock(VirtioDevice):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
-        with self._inflight_lock:
-            self._inflight.clear()
 
     def reset(self) -> bool:
         stopped = True
@@ -263,31 +263,53 @@ class VirtioBlock(VirtioDevice):
     # -- the queue ---------------------------------------------------------------------------
 
     def handle_queue(self, index: int) -> None:
-        """Pop every available chain and hand it to the pool (runs in the worker)."""
+        """Pop every available chain and dispatch them (runs in the worker thread).
+
+        A lone request while nothing else is in flight runs right here in the worker
+        (no thread hand-off: the queue-depth-1 latency path); any batch goes to the pool,
+        so every request of a deep queue is in the disk at once.
+        """
         if self._failed or self._pool is None:
             return
         mem, q, lock = self.mem, self.queues[index], self._qlocks[index]
         assert mem is not None
-        while True:
-            with lock:
-                chain = q.pop(mem)
-            if chain is None:
-                return
-            if chain.writable_len == 0:
-                raise VirtqueueError(
-                    f"virtio-blk request {chain.head} has no device-writable status byte")
-            future = self._pool.submit(self._serve, index, chain)
-            with self._inflight_lock:
-                self._inflight.add(future)
-            future.add_done_callback(self._forget)
+        chains: list[DescriptorChain] = []
+        try:
+            while True:
+                with lock:
+                    chain = q.pop(mem)
+                if chain is None:
+                    break
+                if chain.writable_len == 0:
+                    raise VirtqueueError(
+                        f"virtio-blk request {chain.head} has no device-writable status byte")
+                chains.append(chain)
+        finally:
+            self._dispatch(index, chains)
 
-    def _forget(self, future: Future[None]) -> None:
+    def _dispatch(self, index: int, chains: list[DescriptorChain]) -> None:
+        if not chains or self._pool is None:
+            return
         with self._inflight_lock:
-            self._inflight.discard(future)
+            inline = len(chains) == 1 and self._inflight == 0 and self.inline_single
+            self._inflight += len(chains)
+        if inline:
+            self._run(index, chains[0])
+            return
+        for chain in chains:
+            self._pool.submit(self._run, index, chain)
+
+    def _run(self, index: int, chain: DescriptorChain) -> None:
+        try:
+            self._serve(index, chain)
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
 
     def in_flight(self) -> int:
+        """Requests dispatched and not yet completed."""
         with self._inflight_lock:
-            return len(self._inflight)
+            return self._inflight
 
     def _serve(self, index: int, chain: DescriptorChain) -> None:
         """Run one request in a pool thread, write its status and complete it."""
