@@ -1,0 +1,339 @@
+"""child_proc: the device process's side of a ProxyDevice.
+
+Runs in the forked child (see vmmcore.sandbox.proxy for the process tree):
+
+  1. receive INIT with the guest-memory memfd and map it (GuestMemory(ranges, fd=...));
+  2. build the device model with the factory the ProxyDevice was given (still unjailed,
+     so the plugin can open its disk image or connect its socket);
+  3. jail.enter(): import what is needed, pivot_root, rlimits, capabilities,
+     no_new_privs, seccomp;
+  4. answer INIT, then serve requests until SHUTDOWN or EOF (the main process died).
+
+The device (a PciDevice, normally a VirtioPciDevice) never knows it is remote. What it
+would have done to the main process goes back over the socket: MSI-X route changes
+through ChildIrqRouter (a CALL answered by the main process while it waits for the
+current request, or an EVENT from a worker thread), queue eventfds as fds in the
+ioevents answer. Irqfds and INTx eventfds arrive as fds in assign_msix/assign_irq.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+
+from vmmcore.eventfd import EventFd
+from vmmcore.memory import GuestMemory
+from vmmcore.pci.config_space import BarKind
+from vmmcore.pci.device import PciDevice
+from vmmcore.pci.intx import PciIntx
+from vmmcore.sandbox import jail as _jail
+from vmmcore.sandbox import protocol as P
+
+log = logging.getLogger(__name__)
+
+
+class ChildIrqRouter:
+    """The IrqRouter a jailed device's MsixConfig talks to: forwards to the main process.
+
+    During a synchronous request (a configuration write, an MSI-X table write) the call
+    blocks until the main process has updated KVM's routing, so the guest never sees a
+    stale route. From any other thread (a worker that pushes a route lazily) it is sent
+    as a one-way EVENT that the main process applies as soon as it reads the socket.
+    """
+
+    def __init__(self, server: _Server) -> None:
+        self._server = server
+
+    def set_msi_route(self, gsi: int, address: int, data: int) -> None:
+        self._server.call({"op": "set_msi_route", "gsi": gsi, "address": address,
+                           "data": data})
+
+    def remove_route(self, gsi: int) -> None:
+        self._server.call({"op": "remove_route", "gsi": gsi})
+
+    def register_irqfd(self, evt: EventFd, gsi: int, resample: EventFd | None = None) -> None:
+        raise NotImplementedError("irqfds are registered by the main process")
+
+    def unregister_irqfd(self, evt: EventFd, gsi: int) -> None:
+        raise NotImplementedError("irqfds are registered by the main process")
+
+
+class _Server:
+    def __init__(self, sock: socket.socket, device: PciDevice) -> None:
+        self.sock = sock
+        self.device = device
+        self.send_lock = threading.Lock()
+        self.server_thread = threading.current_thread()
+        self.in_request = False
+        self.ioevent_fds: list[EventFd] = []
+
+    # -- sending -------------------------------------------------------------------------
+
+    def send(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        with self.send_lock:
+            P.send(self.sock, data, fds)
+
+    def reply(self, payload: bytes = b"", fds: list[int] | tuple[int, ...] = ()) -> None:
+        self.send(P.REPLY + payload, fds)
+
+    def reply_json(self, obj: object, fds: list[int] | tuple[int, ...] = ()) -> None:
+        self.send(P.pack_json(P.REPLY, obj), fds)
+
+    def call(self, obj: dict) -> None:
+        """Ask the main process; wait for its RESULT when inside a synchronous request."""
+        if self.in_request and threading.current_thread() is self.server_thread:
+            self.send(P.pack_json(P.CALL, obj))
+            data, fds = P.recv(self.sock)
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                os._exit(0)          # the main process is gone
+            if data[:1] != P.RESULT:
+                raise P.ProtocolError(f"expected RESULT, got {data[:1]!r}")
+            result = P.unpack_json(data[1:])
+            if isinstance(result, dict) and result.get("error"):
+                raise RuntimeError(f"main process refused {obj.get('op')}: {result['error']}")
+        else:
+            self.send(P.pack_json(P.EVENT, obj))
+
+    # -- serving -------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        while True:
+            try:
+                data, fds = P.recv(self.sock)
+            except InterruptedError:
+                continue
+            if not data:
+                return                   # EOF: the main process closed or died
+            kind, payload = data[:1], data[1:]
+            if kind == P.SHUTDOWN:
+                return
+            try:
+                self.dispatch(kind, payload, fds)
+            except Exception as e:  # a device bug: tell the caller, keep serving
+                log.error("%s: %s failed: %s", self.device.debug_label(), kind,
+                          traceback.format_exc())
+                if kind not in (P.WRITE_BAR,):
+                    self.send(P.pack_json(P.ERROR, {"error": f"{type(e).__name__}: {e}"}))
+            finally:
+                self.in_request = False
+
+    def dispatch(self, kind: bytes, payload: bytes, fds: list[int]) -> None:
+        dev = self.device
+        if kind == P.READ_BAR:
+            bar, offset, size = P.BAR_ACCESS.unpack_from(payload)
+            self.in_request = True
+            self.reply(bytes(dev.read_bar(bar, offset, size)))
+        elif kind in (P.WRITE_BAR, P.WRITE_SYNC):
+            bar, offset = P.BAR_WRITE.unpack_from(payload)
+            self.in_request = kind == P.WRITE_SYNC
+            dev.write_bar(bar, offset, bytes(payload[P.BAR_WRITE.size:]))
+            if kind == P.WRITE_SYNC:
+                self.reply()
+        elif kind == P.CFG_READ:
+            (reg,) = P.CFG_REG.unpack_from(payload)
+            self.in_request = True
+            self.reply(P.U32.pack(dev.config_register_read(reg) & 0xFFFF_FFFF))
+        elif kind == P.CFG_WRITE:
+            reg, offset = P.CFG_WRITE_HDR.unpack_from(payload)
+            self.in_request = True
+            result = dev.config_register_write(reg, offset,
+                                               bytes(payload[P.CFG_WRITE_HDR.size:]))
+            self.reply_json({"removed": [_range(r) for r in result.removed],
+                             "added": [_range(r) for r in result.added]})
+        elif kind == P.OP:
+            self.in_request = True
+            self.op(P.unpack_json(payload), fds)
+        else:
+            raise P.ProtocolError(f"unknown message {kind!r}")
+
+    def op(self, req: dict, fds: list[int]) -> None:
+        dev = self.device
+        name = req.get("op")
+        if name == "bars":
+            config = getattr(dev, "config", None)
+            if config is None or not hasattr(config, "bars"):
+                raise TypeError(f"{type(dev).__name__} has no PciConfiguration to place "
+                                "BARs from")
+            self.reply_json([[b.index, b.size, b.kind.value, b.prefetchable]
+                             for b in config.bars()])
+        elif name == "set_bar_addresses":
+            for index, base in req["bars"]:
+                dev.config.set_bar_address(int(index), int(base))  # type: ignore[attr-defined]
+            self.reply_json(True)
+        elif name == "bar_ranges":
+            self.reply_json([_range(r) for r in dev.bar_ranges()])
+        elif name == "msix_vectors":
+            self.reply_json(dev.msix_vectors())
+        elif name == "msix_table":
+            msix = getattr(dev, "msix", None)
+            self.reply_json(None if msix is None else
+                            [msix.table_bar, msix.table_offset, msix.table_size])
+        elif name == "assign_msix":
+            gsis = [int(g) for g in req["gsis"]]
+            if len(fds) != len(gsis):
+                raise ValueError(f"{len(gsis)} GSIs but {len(fds)} irqfds")
+            dev.assign_msix(ChildIrqRouter(self),  # type: ignore[arg-type]
+                            [(g, EventFd(fd)) for g, fd in zip(gsis, fds, strict=True)])
+            self.reply_json(True)
+        elif name == "assign_irq":
+            if len(fds) != 2:
+                raise ValueError("assign_irq needs the irq and resample eventfds")
+            intx = PciIntx(int(req["gsi"]), int(req["pin"]), EventFd(fds[0]), EventFd(fds[1]))
+            used = dev.assign_irq(intx)
+            if not used:
+                for fd in fds:
+                    os.close(fd)
+            self.reply_json(bool(used))
+        elif name == "ioevents":
+            specs = dev.ioevents()
+            self.reply_json([[s.bar, s.offset, s.length, s.datamatch] for s in specs],
+                            [s.evt.fileno() for s in specs])
+        elif name == "read_config_register":
+            self.reply_json(dev.read_config_register(int(req["reg"])) & 0xFFFF_FFFF)
+        elif name == "write_config_register":
+            dev.write_config_register(int(req["reg"]), int(req["offset"]),
+                                      bytes.fromhex(req["data"]))
+            self.reply_json(True)
+        elif name == "ping":
+            self.reply_json({"pid": os.getpid(), "label": dev.debug_label()})
+        elif name == "test_syscall":      # tests: make a system call by number
+            if not _TEST_HOOKS:
+                raise PermissionError("test hooks are disabled")
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            ret = libc.syscall(int(req["nr"]), *[ctypes.c_long(int(a))
+                                                for a in req.get("args", [])])
+            self.reply_json([ret, ctypes.get_errno()])
+        elif name == "test_eval":         # tests: run an expression in the device process
+            if not _TEST_HOOKS:
+                raise PermissionError("test hooks are disabled")
+            self.reply_json(repr(eval(req["expr"], {"dev": dev, "os": os})))  # noqa: S307
+        else:
+            raise ValueError(f"unknown operation {name!r}")
+
+
+#: Tests turn this on (before forking) to use test_syscall/test_eval in the child.
+_TEST_HOOKS = False
+
+
+def _range(r) -> list:
+    return [r.bar, r.base, r.size, r.kind.value, bool(r.prefetchable)]
+
+
+def device_main(sock: socket.socket, build: Callable[[GuestMemory], PciDevice],
+                cfg: _jail.JailConfig) -> int:
+    """The device process: INIT, build, jail, serve. Returns the exit status."""
+    data, fds = P.recv(sock)
+    if not data:
+        return 0
+    if data[:1] != P.INIT or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        return 2
+    init = P.unpack_json(data[1:])
+    server = None
+    try:
+        mem = GuestMemory([tuple(r) for r in init["ranges"]], fd=fds[0])
+        device = build(mem)
+        server = _Server(sock, device)
+        _jail.enter(cfg)
+        info = {"label": device.debug_label(), "pid": os.getpid(),
+                "msix_vectors": device.msix_vectors()}
+    except BaseException as e:
+        msg = f"{type(e).__name__}: {e}"
+        log.debug("device set-up failed: %s", traceback.format_exc())
+        P.send(sock, P.pack_json(P.ERROR, {"error": msg}))
+        return 1
+    server.reply_json(info)
+    server.serve()
+    try:
+        server.device.destroy()
+    except Exception:
+        log.error("%s: destroy failed: %s", server.device.debug_label(),
+                  traceback.format_exc())
+    return 0
+
+
+def keeper_main(sock: socket.socket, build: Callable[[GuestMemory], PciDevice],
+                cfg: _jail.JailConfig, keep: tuple[int, ...] = ()) -> None:
+    """The first child: jail outer step, fork the device process, wait, pass on its end.
+
+    Never returns. If the device process is killed by a signal (SIGSYS from seccomp),
+    the keeper kills itself with the same signal so that the main process sees it.
+    """
+    status = 1
+    try:
+        _jail.set_parent_death_signal()
+        import signal as _signal
+
+        _signal.signal(_signal.SIGINT, _signal.SIG_IGN)   # Ctrl-C is the main process's
+        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+        _close_other_fds({0, 1, 2, sock.fileno(), *keep})
+        _jail.outer(cfg)
+        if cfg.enabled and cfg.namespaces:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    _jail.set_parent_death_signal()
+                    os._exit(device_main(sock, build, cfg))
+                except BaseException:
+                    traceback.print_exc()
+                    os._exit(1)
+            P.send(sock, P.pack_json(P.HELLO, {"pid": pid}))
+            sock.close()
+            _, wstatus = os.waitpid(pid, 0)
+            if os.WIFSIGNALED(wstatus):
+                sig = os.WTERMSIG(wstatus)
+                _signal.signal(sig, _signal.SIG_DFL)
+                _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [sig])
+                os.kill(os.getpid(), sig)
+                status = 128 + sig
+            else:
+                status = os.waitstatus_to_exitcode(wstatus)
+        else:
+            P.send(sock, P.pack_json(P.HELLO, {"pid": os.getpid()}))
+            status = device_main(sock, build, cfg)
+    except BaseException:
+        try:
+            traceback.print_exc()
+            P.send(sock, P.pack_json(P.ERROR, {"error": traceback.format_exc(limit=1)}))
+        except Exception:
+            pass
+        status = 1
+    finally:
+        try:
+            sys.stderr.flush()
+        except Exception:
+            pass
+        os._exit(status)
+
+
+def _close_other_fds(keep: set[int]) -> None:
+    """Close every inherited fd but keep; stdin becomes /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+    except OSError:
+        pass
+    try:
+        fds = sorted(int(n) for n in os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+__all__ = ["ChildIrqRouter", "device_main", "keeper_main", "BarKind"]
