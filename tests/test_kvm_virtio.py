@@ -220,6 +220,28 @@ def test_virtio_blk_guest_reads_writes_and_flushes_a_raw_image(tmp_path):
     assert after[:512] == before[:512] and after[1024:] == before[1024:]   # nothing else
 
 
+def test_guests_assign_every_function_distinct_bars_and_drive_theirs_behind_another(tmp_path):
+    """Two virtio devices: the guest gives both BARs (in bus order, like firmware), so its
+    own device is the second one in the window and the first one decodes too."""
+    require_plugins(("device", "virtio_rng"), ("device", "virtio_blk"), ("disk_format", "raw"))
+    img = tmp_path / "disk.img"
+    make_image(img)
+    blk = f"virtio_blk:path={img}"
+    for name, devices in (("tests/virtio_rng", [blk, "virtio_rng"]),
+                          ("tests/virtio_blk", ["virtio_rng", blk])):
+        args = [a for d in devices for a in ("--device", d)]
+        result = vmm("run", str(guest(name)), *args)
+        assert result.returncode == 0, explain(result)
+        bars = re.findall(r"^pci 00:([0-9a-f]{2})\.0 bar0 (0x[0-9a-f]+) size (0x[0-9a-f]+)$",
+                          result.stdout, re.M)
+        assert len(bars) == 2, result.stdout
+        (d1, a1, s1), (d2, a2, s2) = ((d, int(a, 16), int(s, 16)) for d, a, s in bars)
+        assert d1 < d2 and a1 + s1 <= a2 and a1 % s1 == 0 and a2 % s2 == 0, result.stdout
+        short = name.split("_")[1]
+        assert re.search(rf"virtio-{short} at 00:{d2}\.0, BAR0 {a2:#x}", result.stdout), result.stdout
+        assert f"virtio-{short}: OK" in result.stdout
+
+
 # -- the demo guest lists the devices ------------------------------------------------------
 
 DEMO_LINES = {

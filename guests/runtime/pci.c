@@ -338,6 +338,16 @@ int pci_assign_bars(struct pci_func *f, struct pci_window *mem, struct pci_windo
 	return rc;
 }
 
+int pci_assign_all(struct pci_func *funcs, unsigned n, struct pci_window *mem,
+		   struct pci_window *io)
+{
+	int rc = 0;
+	for (unsigned i = 0; i < n; i++)
+		if ((funcs[i].header_type & 0x7f) == 0 && pci_assign_bars(&funcs[i], mem, io))
+			rc = -1;
+	return rc;
+}
+
 u8 pci_find_cap(const struct pci_func *f, u8 id, u8 from)
 {
 	if (!(pcif_read16(f, 0x06) & PCI_STATUS_CAP_LIST))

@@ -259,6 +259,10 @@ struct pci_window {
  * Fills f->bar_*; returns 0, or -1 if a BAR did not fit or did not read back.
  */
 int pci_assign_bars(struct pci_func *f, struct pci_window *mem, struct pci_window *io);
+/* pci_assign_bars for every type-0 function of a scan, in bus order (what firmware does
+ * before any driver runs, so no two devices decode the same addresses); -1 if any failed. */
+int pci_assign_all(struct pci_func *funcs, unsigned n, struct pci_window *mem,
+		   struct pci_window *io);
 /* Walks the capability list (bounded); returns the offset of the first capability with
  * this id after the one at `from` (0: from the start of the list), 0 if none. */
 u8 pci_find_cap(const struct pci_func *f, u8 id, u8 from);

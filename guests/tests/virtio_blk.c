@@ -137,9 +137,18 @@ int main(const void *bp)
 	}
 	struct pci_window mem = { PCI_LOW_MMIO_START, PCI_LOW_MMIO_END };
 	struct pci_window io = { PCI_IO_START, PCI_IO_END };
-	if (pci_assign_bars(&f, &mem, &io)) {
+	/* every function gets its BARs, in bus order, like firmware would do */
+	if (pci_assign_all(ecam, necam < ARRAY_SIZE(ecam) ? necam : ARRAY_SIZE(ecam), &mem, &io)) {
 		puts("virtio-blk: BAR assignment failed");
 		return 5;
+	}
+	for (unsigned i = 0; i < necam && i < ARRAY_SIZE(ecam); i++) {
+		if (ecam[i].dev == f.dev && ecam[i].fn == f.fn)
+			f = ecam[i];
+		for (unsigned b = 0; b < 6; b++)
+			if (ecam[i].bar_addr[b])
+				printf("pci 00:%02x.%u bar%u %#lx size %#lx\n", ecam[i].dev, ecam[i].fn,
+				       b, ecam[i].bar_addr[b], ecam[i].bar_size[b]);
 	}
 	printf("virtio-blk at 00:%02x.%u, BAR0 %#lx size %#lx\n", f.dev, f.fn, f.bar_addr[0],
 	       f.bar_size[0]);

@@ -4,8 +4,9 @@
  *
  *   1. finds the device by scanning bus 0 through 0xcf8/0xcfc AND through ECAM (base
  *      from the ACPI MCFG table); both scans must list the same functions
- *   2. sizes and assigns its BARs itself (low MMIO window 0xc0000000..), enables memory
- *      decode and bus mastering (over ECAM)
+ *   2. sizes and assigns the BARs of every function itself, in bus order (low MMIO
+ *      window 0xc0000000..), enables memory decode and bus mastering (over ECAM);
+ *      prints "pci 00:DD.F barN 0x... size 0x..." per assigned BAR
  *   3. virtio capability walk, reset, ACKNOWLEDGE, DRIVER, VERSION_1, FEATURES_OK,
  *      MSI-X entry 0 -> vector 0x40 on this CPU's APIC, queue 0, DRIVER_OK
  *   4. twice: posts one 64-byte device-writable buffer, kicks, waits (sti; hlt, bounded)
@@ -137,9 +138,18 @@ int main(const void *bp)
 	/* 2. BARs, programmed over ECAM */
 	struct pci_window mem = { PCI_LOW_MMIO_START, PCI_LOW_MMIO_END };
 	struct pci_window io = { PCI_IO_START, PCI_IO_END };
-	if (pci_assign_bars(&f, &mem, &io)) {
+	/* every function gets its BARs, in bus order, like firmware would do */
+	if (pci_assign_all(ecam, necam < ARRAY_SIZE(ecam) ? necam : ARRAY_SIZE(ecam), &mem, &io)) {
 		puts("virtio-rng: BAR assignment failed");
 		return 5;
+	}
+	for (unsigned i = 0; i < necam && i < ARRAY_SIZE(ecam); i++) {
+		if (ecam[i].dev == f.dev && ecam[i].fn == f.fn)
+			f = ecam[i];
+		for (unsigned b = 0; b < 6; b++)
+			if (ecam[i].bar_addr[b])
+				printf("pci 00:%02x.%u bar%u %#lx size %#lx\n", ecam[i].dev, ecam[i].fn,
+				       b, ecam[i].bar_addr[b], ecam[i].bar_size[b]);
 	}
 	printf("virtio-rng at 00:%02x.%u, BAR0 %#lx (%s, size %#lx), command %#x\n", f.dev, f.fn,
 	       f.bar_addr[0], f.bar_flags[0] & PCI_BAR_MEM64 ? "64-bit" : "32-bit", f.bar_size[0],
