@@ -308,8 +308,11 @@ class Qcow2File(DiskFile):
                 raise self._err(f"{an} overlaps {bn}")
         # clusters that no data may be written into
         self._meta: set[int] = set()
-        for off, length, _name in regions:
-            self._meta.update(range(off >> self._cb, (off + length - 1 >> self._cb) + 1))
+        self._fixed: dict[int, str] = {}        # header, L1, refcount and snapshot tables
+        for off, length, name in regions:
+            for c in range(off >> self._cb, (off + length - 1 >> self._cb) + 1):
+                self._fixed[c] = name
+        self._meta.update(self._fixed)
 
         raw = self._pread(h.l1_table_offset, h.l1_size * 8, "L1 table") if h.l1_size else b""
         self._l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
@@ -342,8 +345,8 @@ class Qcow2File(DiskFile):
             raise self._err(f"{what} offset {off:#x} is not cluster aligned")
         if off + self._cs > self._file_end:
             raise self._err(f"{what} offset {off:#x} lies past the end of the file")
-        if off == 0 or off >> self._cb == 0:
-            raise self._err(f"{what} overlaps the header")
+        if off >> self._cb in self._fixed:
+            raise self._err(f"{what} at {off:#x} overlaps the {self._fixed[off >> self._cb]}")
 
     def _open_backing(self, opener: DiskOpener | None, opening: frozenset[str]) -> None:
         name = self.header.backing_file
@@ -602,6 +605,9 @@ class Qcow2File(DiskFile):
         self._meta.update(range(start, start + tc))
         old_c = old_off >> self._cb
         self._meta.difference_update(range(old_c, old_c + old_clusters))
+        for c in range(old_c, old_c + old_clusters):
+            self._fixed.pop(c, None)
+        self._fixed.update((c, "refcount table") for c in range(start, start + tc))
         # 4. the old table's clusters are free
         self._update_refcounts([(c, -1) for c in range(old_c, old_c + old_clusters)])
 
@@ -1063,10 +1069,14 @@ class Qcow2File(DiskFile):
         self.header.l1_size, self.header.l1_table_offset = entries, new_off
         self._l1 = table
         self._meta.update(range(new_off >> self._cb, (new_off >> self._cb) + clusters))
+        self._fixed.update((c, "L1 table") for c in range(new_off >> self._cb,
+                                                           (new_off >> self._cb) + clusters))
         if old_n:
             oc = old_off >> self._cb
             n = -(-old_n * 8 // cs)
             self._meta.difference_update(range(oc, oc + n))
+            for c in range(oc, oc + n):
+                self._fixed.pop(c, None)
             self._update_refcounts([(c, -1) for c in range(oc, oc + n)])
 
     # info / check / close ------------------------------------------------------
