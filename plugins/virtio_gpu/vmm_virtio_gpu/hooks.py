@@ -45,11 +45,10 @@ def vmm_configure(config: Any) -> None:
                           f"plugin (vmm-virtio-input), which {why}")
     already = {d.options.get("source") for d in config.devices
                if _canonical(d.name) == INPUT}
-    for index, gpu, kind in wanted:
+    for index, _gpu, kind in wanted:
         source = f"display:{GPU}{index}/{kind}"
         if source in already:
             continue        # vmm_configure ran twice on this config
         options = {o.name: o.default_value() for o in record.spec.options}
-        options.update(kind=kind, source=source, width=gpu.options.get("width", 1280),
-                       height=gpu.options.get("height", 1024))
+        options.update(kind=kind, source=source)
         config.devices.append(DeviceConfig(INPUT, options))
