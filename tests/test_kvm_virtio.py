@@ -136,6 +136,8 @@ def test_virtio_rng_guest_gets_random_bytes_through_msix(sandbox):
     m = re.search(r"virtio-rng at 00:[0-9a-f]{2}\.0, BAR0 (0x[0-9a-f]+) \(64-bit, size 0x8000\)", out)
     assert m and 0xC000_0000 <= int(m.group(1), 16) < 0xE000_0000, out
     assert "status 0xf" in out, out        # ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK
+    # the VIRTIO_PCI_CAP_PCI_CFG window reads the same common config as the BAR
+    assert "1 queue(s)" in out and "num_queues through the pci_cfg window: 1" in out, out
     assert out.count("msix interrupt received") == 2, out
     assert "2 of 2 completions signalled by MSI-X" in out
     samples = dict(RNG_LINE.findall(out))
