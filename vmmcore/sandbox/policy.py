@@ -51,13 +51,42 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-try:  # libseccomp's own binding (mephi42-seccomp on PyPI, python3-seccomp on Debian)
-    import seccomp as _seccomp
-except ImportError:  # pragma: no cover - depends on the Python version
-    try:  # pyseccomp: the same API in pure Python over ctypes
-        import pyseccomp as _seccomp  # type: ignore[no-redef]
-    except ImportError:
-        _seccomp = None  # type: ignore[assignment]
+
+
+def _import_binding():
+    """libseccomp's binding: `seccomp` (mephi42-seccomp on PyPI for 3.12+, python3-seccomp
+    on Debian) or `pyseccomp` (the same API over ctypes; 3.11).
+
+    The project's own policy directory is called seccomp/ too, and when the source tree
+    is on sys.path (pytest, `python -m` from a checkout) it would be imported as an empty
+    namespace package; so a module without SyscallFilter is skipped and the import
+    retried without the path entries that hold such a directory.
+    """
+    import importlib
+    import sys
+
+    for name in ("seccomp", "pyseccomp"):
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "SyscallFilter"):
+            return mod
+        saved_path, saved_mod = sys.path[:], sys.modules.pop(name, None)
+        try:
+            sys.path[:] = [p for p in sys.path
+                           if not os.path.isdir(os.path.join(p or ".", name))]
+            mod = importlib.import_module(name)
+            if hasattr(mod, "SyscallFilter"):
+                return mod
+            sys.modules.pop(name, None)
+        except ImportError:
+            pass
+        finally:
+            sys.path[:] = saved_path
+        if saved_mod is not None and name not in sys.modules:
+            sys.modules[name] = saved_mod
+    return None
+
+
+_seccomp = _import_binding()
 
 U64 = (1 << 64) - 1
 POLICY_FORMAT = 1          # bump when the compiler's output for the same text changes
