@@ -54,6 +54,7 @@ MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -155,6 +156,9 @@ def outer(cfg: JailConfig) -> None:
         return
     if cfg.wants_user_namespace():
         uid, gid = os.geteuid(), os.getegid()
+        # A process that changed uid (root dropping to a user) is not dumpable, which
+        # makes /proc/self/uid_map root's; the maps below need it to be ours.
+        prctl(PR_SET_DUMPABLE, 1)
         _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/uid_map", f"0 {uid} 1\n")
