@@ -71,6 +71,7 @@ def raw_request(path: Path, data: bytes, timeout: float = 10) -> list[dict]:
     (b'{"command": "status"}', "no 'version'"),
     (b'{"version": 2, "command": "status"}', "unsupported protocol version 2"),
     (b'{"version": true, "command": "status"}', "unsupported protocol version"),
+    (b'{"version": 1.0, "command": "status"}', "unsupported protocol version"),
     (b'{"version": 1}', "no 'command'"),
     (b'{"version": 1, "command": "status", "args": [1]}', "'args' must be a JSON object"),
     (b"[" * 100000 + b"]" * 100000, "not valid JSON"),

@@ -237,10 +237,8 @@ def socket_is_live(path: Path, timeout: float = 1.0) -> bool:
         return True
     except (ConnectionRefusedError, FileNotFoundError):
         return False
-    except OSError as e:
-        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            return False
-        return True          # EAGAIN (backlog full), EACCES...: assume someone owns it
+    except OSError as e:     # EAGAIN (backlog full), EACCES...: assume someone owns it
+        return e.errno not in (errno.ECONNREFUSED, errno.ENOENT)
     finally:
         probe.close()
 
@@ -720,7 +718,7 @@ def parse_request(line: bytes) -> dict:
     if version is None:
         raise ControlError("request has no 'version' (this VMM speaks version "
                            f"{PROTOCOL_VERSION})")
-    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise ControlError(f"unsupported protocol version {version!r:.40}; this VMM "
                            f"speaks {', '.join(map(str, SUPPORTED_VERSIONS))}")
     command = request.get("command")
@@ -773,7 +771,9 @@ def send_request(path: str | os.PathLike[str], command: str, args: dict | None =
             raise ControlClientError(f"{where}: cannot connect: {e.strerror or e}") from None
         request = {"version": PROTOCOL_VERSION, "command": command, "args": args or {}}
         try:
-            sock.sendall(_encode(request))
+            # a VMM refusing the connection may already have closed it: read its answer
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(_encode(request))
             data = bytearray()
             while b"\n" not in data:
                 chunk = sock.recv(65536)
