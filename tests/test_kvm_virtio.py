@@ -12,15 +12,12 @@ needs) is not installed or says "not implemented yet"; a broken plugin fails.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
-from unittest import mock
 
 import pytest
 
@@ -30,23 +27,6 @@ pytestmark = pytest.mark.kvm
 
 if not os.access("/dev/kvm", os.R_OK | os.W_OK):
     pytest.skip("tier 2 needs read-write access to /dev/kvm", allow_module_level=True)
-
-#: The virtio guests link two runtime files beyond the common runtime. While
-#: vmmcore/guests.py's GUESTS does not list them itself, they are added only for the
-#: duration of a build (registered(): its own entries, once there, win), so other test
-#: modules never see a changed GUESTS.
-VIRTIO_GUESTS = {
-    "tests/virtio_rng": ("tests/virtio_rng.c", "runtime/virtio.c", "runtime/irq.c"),
-    "tests/virtio_blk": ("tests/virtio_blk.c", "runtime/virtio.c", "runtime/irq.c"),
-}
-
-
-@contextlib.contextmanager
-def registered():
-    missing = {n: s for n, s in VIRTIO_GUESTS.items() if n not in guest_builds.GUESTS}
-    with mock.patch.dict(guest_builds.GUESTS, missing):
-        yield
-
 
 RUN_TIMEOUT = 120
 RNG_LINE = re.compile(r"^rng\[(\d)\]: ([0-9a-f]{128})$", re.M)
@@ -64,8 +44,7 @@ SECTOR0 = b"vmm tier-2 virtio-blk image, sector 0 \xde\xad\xbe\xef" + bytes(rang
 
 
 def guest(name: str) -> Path:
-    with registered():
-        return guest_builds.guest_path(name)
+    return guest_builds.guest_path(name)
 
 
 def vmm(*args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
@@ -99,19 +78,6 @@ def explain(result: subprocess.CompletedProcess) -> str:
 
 
 # -- the guests build without instructions kvm-pvm's ring-0 emulator lacks -----------------
-
-
-@pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("objdump") is None,
-                    reason="needs gcc and objdump")
-@pytest.mark.parametrize("name", sorted(VIRTIO_GUESTS))
-def test_virtio_guest_builds_warning_free_without_forbidden_instructions(tmp_path, name):
-    from test_guests_build import forbidden_instructions
-
-    out = tmp_path / "guest.elf"
-    with registered():
-        warnings = guest_builds.build_into(name, out, ["-Werror"])
-    assert not warnings.strip(), warnings
-    assert forbidden_instructions(out) == []
 
 
 # -- virtio-rng -----------------------------------------------------------------------------

@@ -55,6 +55,8 @@ GUESTS: dict[str, tuple[str, ...]] = {
     "tests/smp": ("tests/smp.c", "tests/smp_trampoline.S"),
     "tests/mmio": ("tests/mmio.c",),
     "tests/crash": ("tests/crash.c",),
+    "tests/virtio_rng": ("tests/virtio_rng.c", "runtime/virtio.c", "runtime/irq.c"),
+    "tests/virtio_blk": ("tests/virtio_blk.c", "runtime/virtio.c", "runtime/irq.c"),
     "tests/pci": ("tests/pci.c",),
 }
 
