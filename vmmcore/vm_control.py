@@ -29,6 +29,7 @@ alive, and the caller closes its descriptor whenever it likes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -197,6 +198,14 @@ class VmMemoryController:
         with self._lock:
             return [MemoryRegistered(m.slot, m.guest_addr, m.size)
                     for m in sorted(self._maps.values(), key=lambda m: m.slot)]
+
+    def read(self, slot: int, offset: int, size: int) -> bytes:
+        """Bytes of the mapping in `slot` as the guest sees them (diagnostics, tests)."""
+        with self._lock:
+            m = self._maps.get(slot)
+            if m is None or offset < 0 or size < 0 or offset + size > m.size:
+                raise VmMemoryError(f"read: slot {slot} does not hold {offset:#x}+{size:#x}")
+            return ctypes.string_at(m.host_addr + offset, size)
 
     def request(self, req: VmMemoryRequest) -> VmMemoryResponse:
         """Execute one request; every failure is an Err, never an exception."""
@@ -392,10 +401,110 @@ def serve_request(sock: socket.socket, controller: VmMemoryController) -> bool:
     return True
 
 
+class ConnectingVmMemoryClient:
+    """A VmMemoryClient that connects to a VmMemoryServer's socket path on first use.
+
+    For a jailed device process that cannot inherit the socket: the jail bind-mounts the
+    server's path, and the device connects after the jail has closed (AF_UNIX socket and
+    connect must be in its seccomp policy).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._client: SocketVmMemoryClient | None = None
+        self._lock = threading.Lock()
+
+    def request(self, req: VmMemoryRequest) -> VmMemoryResponse:
+        with self._lock:
+            if self._client is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+                try:
+                    sock.connect(self.path)
+                except OSError as e:
+                    sock.close()
+                    return Err(f"cannot reach the VmMemoryRequest socket {self.path}: {e}")
+                self._client = SocketVmMemoryClient(sock)
+            client = self._client
+        try:
+            return client.request(req)
+        except OSError as e:
+            return Err(f"VmMemoryRequest socket: {e}")
+
+
+class VmMemoryServer:
+    """Main process: serves VmMemoryRequests from device processes on a listening
+    SOCK_SEQPACKET socket at `path` (mode 0600), one thread for all connections.
+
+    start() makes a thread: call it only after every device process has been forked.
+    """
+
+    def __init__(self, controller: VmMemoryController, path: str | os.PathLike[str]) -> None:
+        self.controller = controller
+        self.path = os.fspath(path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            self.listener.bind(self.path)
+        finally:
+            os.umask(old)
+        self.listener.listen(16)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        self._thread: threading.Thread | None = None
+        self._conns: dict[int, socket.socket] = {}
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vm-memory", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        import select
+
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self.listener.fileno(), select.POLLIN)
+        while True:
+            for fd, _events in poller.poll():
+                if fd == self._wake_r:
+                    return
+                if fd == self.listener.fileno():
+                    conn, _ = self.listener.accept()
+                    self._conns[conn.fileno()] = conn
+                    poller.register(conn.fileno(), select.POLLIN)
+                    continue
+                conn = self._conns.get(fd)
+                if conn is None:
+                    continue
+                try:
+                    alive = serve_request(conn, self.controller)
+                except OSError as e:
+                    log.info("vm_control: a device connection failed: %s", e)
+                    alive = False
+                if not alive:
+                    poller.unregister(fd)
+                    del self._conns[fd]
+                    conn.close()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            os.write(self._wake_w, b"x")
+            self._thread.join(5)
+            self._thread = None
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+        self.listener.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
 __all__ = [
-    "Err", "MemoryRegistered", "Ok", "PAGE_SHIFT", "PAGE_SIZE", "RegisterMemory",
+    "ConnectingVmMemoryClient", "Err", "MemoryRegistered", "Ok", "PAGE_SHIFT", "PAGE_SIZE", "RegisterMemory",
     "SocketVmMemoryClient", "UnregisterMemory", "VmMemoryClient", "VmMemoryController",
-    "VmMemoryError", "VmMemoryRequest", "VmMemoryResponse", "decode_request",
+    "VmMemoryError", "VmMemoryRequest", "VmMemoryResponse", "VmMemoryServer", "decode_request",
     "decode_response", "encode_request", "encode_response", "register_memory",
     "serve_request", "unregister_memory",
 ]

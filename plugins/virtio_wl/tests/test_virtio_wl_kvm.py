@@ -100,3 +100,99 @@ def test_guest_draws_into_a_shm_buffer_weston_accepts(kvm_ok, weston, tmp_path, 
         watchdog.cancel()
         inst.close()
     assert inst.vm_memory.mappings == []
+
+
+def test_sandboxed_device_under_its_policy(kvm_ok, tmp_path, monkeypatch):
+    """The same guest with the device in a jailed child (ProxyDevice) under the plugin's
+    seccomp policy: the compositor socket and a VmMemoryServer socket are bind-mounted
+    into the jail; VmMemoryRequests cross to the main process, which maps the memfd."""
+    pytest.importorskip("vmmcore.sandbox.proxy")
+    from wl_rig import WESTON, Weston
+
+    if WESTON is None:
+        pytest.skip("weston is not installed (apt-get install -y weston)")
+    from vmm_virtio_wl.device import create
+
+    from vmmcore import vm_builder
+    from vmmcore.config import DeviceConfig, VmConfig
+    from vmmcore.plugin_api import DeviceContext
+    from vmmcore.registry import get_registry
+    from vmmcore.sandbox.jail import JailConfig
+    from vmmcore.sandbox.policy import compile_policy
+    from vmmcore.sandbox.proxy import ProxyDevice
+    from vmmcore.virtio.pci_transport import VirtioPciDevice
+    from vmmcore.vm_control import ConnectingVmMemoryClient, VmMemoryController, VmMemoryServer
+    from vmmcore.vm_events import VmEvent
+
+    # Not under /tmp: the jail's new root is a tmpfs mounted over /tmp, which would hide
+    # bind sources there.
+    base = next((d for d in ("/var/tmp", "/run") if os.access(d, os.W_OK)), None)
+    if base is None:
+        pytest.skip("no writable directory outside /tmp for the bind-mounted sockets")
+    weston = Weston(base_dir=base)
+    record = get_registry().get("device", "virtio_wl")
+    vm_sock = weston.runtime_dir / "vm-memory.sock"
+    servers = []
+    proxies = []
+
+    def sandboxed(inst, device, index):
+        inst.vm_memory = VmMemoryController(inst.vm, inst.allocator)
+        inst.stack.callback(inst.vm_memory.close)
+        server = VmMemoryServer(inst.vm_memory, vm_sock)
+        inst.stack.callback(server.close)
+        servers.append(server)
+        ctx = DeviceContext(name=f"virtio_wl{index}", index=index,
+                            mem_size=inst.config.mem_mib << 20)
+        options = dict(device.options)
+
+        def build(mem):              # runs in the device process, before the jail closes
+            model = create(options, ctx)
+            model.vm_memory = ConnectingVmMemoryClient(vm_sock)
+            return VirtioPciDevice(model, mem, label=ctx.name)
+
+        paths = [str(p) for p in create(options, ctx).host_paths()] + [str(vm_sock)]
+        jail = JailConfig(binds=[(p, p, True) for p in paths],
+                          seccomp=compile_policy([record.policy_path]),
+                          preload=("vmm_virtio_wl.device", "vmm_virtio_wl.protocol"))
+        proxy = ProxyDevice(build, inst.mem, label=ctx.name, jail=jail)
+        inst.stack.callback(proxy.destroy)
+        proxies.append(proxy)
+        return proxy
+
+    monkeypatch.setattr(vm_builder, "_create_device", sandboxed)
+    options = {o.name: o.default_value() for o in record.spec.options}
+    options["wayland_sock"] = weston.socket
+    out = tmp_path / "serial.txt"
+    config = VmConfig(kernel=build_guest(tmp_path / "virtio_wl.elf"), mem_mib=64,
+                      serial=[f"type=file,path={out}"],
+                      devices=[DeviceConfig("virtio_wl", options)])
+    config.validate()
+    try:
+        inst = vm_builder.build_vm(config)
+        servers[0].start()             # a thread: only after the device process forked
+        watchdog = threading.Timer(RUN_TIMEOUT, inst.stop, args=("test watchdog",))
+        watchdog.start()
+        try:
+            vm_exit = inst.run()
+            serial = out.read_text(errors="replace")
+            assert (vm_exit.event, vm_exit.status) == (VmEvent.GUEST_EXIT, 0), (vm_exit, serial)
+            assert "virtio-wl: OK" in serial
+            # the device really ran in another process, under a seccomp filter
+            [proxy] = proxies
+            assert proxy.device_pid != os.getpid() and not proxy.dead
+            status = Path(f"/proc/{proxy.device_pid}/status").read_text()
+            assert re.search(r"^Seccomp:\s+2$", status, re.M), status
+            assert re.search(r"^NoNewPrivs:\s+1$", status, re.M), status
+            m = re.search(r"^vfd_new id 2 pfn (0x[0-9a-f]+) size 16384$", serial, re.M)
+            assert m, serial
+            [mapping] = inst.vm_memory.mappings
+            assert mapping.guest_addr == int(m.group(1), 16) << 12
+            words = struct.unpack("<4096I", inst.vm_memory.read(mapping.slot, 0, 16384))
+            assert words == tuple(0xFF000000 | ((i * 2654435761 & 0xFFFFFFFF) >> 8)
+                                  for i in range(4096))
+        finally:
+            watchdog.cancel()
+            inst.close()
+        assert inst.vm_memory.mappings == []
+    finally:
+        weston.stop()

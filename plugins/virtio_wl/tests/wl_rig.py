@@ -30,10 +30,10 @@ WESTON = shutil.which("weston")
 class Weston:
     """A headless weston on its own XDG_RUNTIME_DIR; stop() ends it (and only it)."""
 
-    def __init__(self, name: str = "wl-vmm-test") -> None:
+    def __init__(self, name: str = "wl-vmm-test", base_dir: str | None = None) -> None:
         if WESTON is None:
             raise RuntimeError("weston is not installed (apt-get install -y weston)")
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="vmm-weston-"))
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="vmm-weston-", dir=base_dir))
         os.chmod(self.runtime_dir, 0o700)
         self.socket = self.runtime_dir / name
         self.log = self.runtime_dir / "weston.log"

@@ -42,8 +42,11 @@ from typing import Any
 from vmm_virtio_wl import protocol as P
 from vmm_virtio_wl.plugin import parse_named_socks
 from vmmcore.virtio import DeviceType, Reader, VirtioDevice, Writer
+from vmmcore.vm_control import Err, MemoryRegistered, RegisterMemory, UnregisterMemory
 
 log = logging.getLogger(__name__)
+# (vm_control is imported at the top, not lazily: a jailed device process cannot import
+# once its jail has closed.)
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 #: Most bytes of data one VFD_SEND may carry (the guest driver sends at most a page).
@@ -428,8 +431,6 @@ class VirtioWl(VirtioDevice):
     # -- memory -------------------------------------------------------------------------------
 
     def _map(self, vfd: Vfd, tag: str) -> None:
-        from vmmcore.vm_control import Err, MemoryRegistered, RegisterMemory
-
         if self.vm_memory is None:
             raise WlError("no VmMemoryRequest channel: the device cannot map memory")
         resp = self.vm_memory.request(RegisterMemory(vfd.shm_fd, 0, vfd.size, False, tag))
@@ -441,8 +442,6 @@ class VirtioWl(VirtioDevice):
     def _unmap(self, vfd: Vfd) -> None:
         if vfd.slot is None or self.vm_memory is None:
             return
-        from vmmcore.vm_control import Err, UnregisterMemory
-
         resp = self.vm_memory.request(UnregisterMemory(vfd.slot))
         if isinstance(resp, Err):
             log.warning("virtio-wl: unmapping slot %d: %s", vfd.slot, resp.message)
