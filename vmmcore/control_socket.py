@@ -355,6 +355,9 @@ class ControlServer:
         for conn in clients:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
+        # let a device command in flight finish before the caller tears the VM down
+        if self._command_lock.acquire(timeout=timeout):
+            self._command_lock.release()
         self._sock.close()
         try:
             st = os.lstat(self.path)
@@ -517,6 +520,8 @@ class ControlServer:
         inst = self.inst
         if inst is None:
             raise ControlError("the VM is not running yet")
+        if self._closing.is_set():
+            raise ControlError("the VMM is shutting down")
         exit_ = inst.events.exit
         if exit_ is not None:
             raise ControlError(f"the VM is shutting down ({exit_.message})")
