@@ -25,10 +25,11 @@ entries for the same system call are merged: an unconditional allow wins, condit
 allows are OR-ed, and two different fallback actions for one system call are an error.
 
 What libseccomp (2.5) cannot express is refused with a PolicyError, not approximated:
-one ``&&`` clause may test an argument twice only with ``==``/``&``/``in`` tests that
-merge into one masked comparison, and a ``; return`` fallback must have a complement
-that fits that rule (``arg0 == 1 || arg0 == 2; return EPERM`` does not: its complement
-tests arg0 != 1 and != 2 in one clause).
+one ``&&`` clause may test an argument several times only when the tests merge into one
+comparison (``==``/``&``/``in`` into one masked test, bounds into one bound: ``arg0 > 1
+&& arg0 < 5`` is refused), and a ``; return`` fallback must have a complement that fits
+that rule (``arg0 == 1 || arg0 == 5; return EPERM`` does not: its complement holds
+for 2..4). ``!=`` is compiled as ``<`` or ``>``.
 
 System calls not listed get the default action: KILL_PROCESS (the process dies with
 SIGSYS; see vmmcore.sandbox.proxy for how the syscall is then named), or LOG with
@@ -376,41 +377,90 @@ def _number(tok: str, where: str) -> int:
 
 
 def _atoms_of(arg: int, op: str, value: int) -> list[Atom]:
-    """The libseccomp atoms (OR-ed) for one source comparison."""
+    """The libseccomp atoms (OR-ed) for one source comparison.
+
+    `!=` becomes `< or >`: libseccomp 2.5 loses rules that combine != tests of several
+    arguments with other actions, while ranges and masked tests come out right.
+    """
     if op == "&":       # some bit of the mask set: one masked test per bit
         bits = [1 << b for b in range(64) if value >> b & 1]
         return [Atom(arg, "masked", b, b) for b in bits]
     if op == "in":      # no bit outside the mask
         return [Atom(arg, "masked", 0, ~value & U64)]
+    if op == "!=":
+        return _not_equal(arg, value)
     return [Atom(arg, op, value)]
 
 
+def _not_equal(arg: int, value: int) -> list[Atom]:
+    out = []
+    if value > 0:
+        out.append(Atom(arg, "<", value))
+    if value < U64:
+        out.append(Atom(arg, ">", value))
+    return out
+
+
+_RANGE_OPS = ("<", "<=", ">", ">=")
+
+
 def _normalize(atoms: Iterable[Atom], where: str, syscall: str) -> Clause | None:
-    """Merge tests of one argument into one masked test; None when unsatisfiable."""
+    """Merge the tests of each argument into one libseccomp comparison.
+
+    Masked and == tests merge into one masked test; <, <=, >, >= into one bound. None
+    when the clause can never hold; PolicyError when one comparison cannot say it (a
+    range bounded on both sides, a range with a partial mask).
+    """
     by_arg: dict[int, list[Atom]] = {}
     for a in atoms:
         if a.op == "==":
             a = Atom(a.arg, "masked", a.value & U64, U64)
         by_arg.setdefault(a.arg, []).append(a)
-    out = []
+    out: list[Atom] = []
     for arg, group in sorted(by_arg.items()):
-        group = sorted(set(group))
-        if len(group) == 1:
-            out.append(group[0])
-            continue
-        if any(a.op != "masked" for a in group):
-            ops = ", ".join(sorted({"==/&/in" if a.op == "masked" else a.op for a in group}))
-            raise PolicyError(f"{where}: {syscall}: libseccomp cannot test arg{arg} twice in "
-                              f"one && clause with {ops}; restate the condition")
+        masked = [a for a in group if a.op == "masked"]
+        ranges = [a for a in group if a.op in _RANGE_OPS]
         mask = value = 0
-        for a in group:
+        for a in masked:
             if (value ^ a.value) & mask & a.mask:
                 return None           # contradictory: the clause never holds
             mask |= a.mask
             value = (value & ~a.mask) | (a.value & a.mask)
-        out.append(Atom(arg, "masked", value & mask, mask))
-    return tuple(Atom(a.arg, "==", a.value) if a.op == "masked" and a.mask == U64 else a
-                 for a in out)
+        value &= mask
+        lo, hi = 0, U64
+        for a in ranges:
+            if a.op == "<":
+                hi = min(hi, a.value - 1)
+            elif a.op == "<=":
+                hi = min(hi, a.value)
+            elif a.op == ">":
+                lo = max(lo, a.value + 1)
+            else:
+                lo = max(lo, a.value)
+        if lo > hi:
+            return None
+        if masked and ranges:
+            if mask != U64:
+                raise PolicyError(f"{where}: {syscall}: libseccomp cannot test arg{arg} "
+                                  "with a mask and a range in one && clause; restate it")
+            if not lo <= value <= hi:
+                return None
+            ranges = []
+        if masked:
+            out.append(Atom(arg, "==", value) if mask == U64 else
+                       Atom(arg, "masked", value, mask))
+        elif ranges:
+            if lo == hi:
+                out.append(Atom(arg, "==", lo))
+            elif lo == 0 and hi < U64:
+                out.append(Atom(arg, "<=", hi))
+            elif hi == U64 and lo > 0:
+                out.append(Atom(arg, ">=", lo))
+            elif lo > 0 and hi < U64:
+                raise PolicyError(f"{where}: {syscall}: libseccomp cannot test arg{arg} "
+                                  f"against a range ({lo:#x}..{hi:#x}) in one && clause; "
+                                  "restate the condition")
+    return tuple(out)
 
 
 def _dnf(source: list[list[tuple[int, str, int]]], where: str, syscall: str) -> list[Clause]:
@@ -433,13 +483,15 @@ def _dnf(source: list[list[tuple[int, str, int]]], where: str, syscall: str) -> 
 
 
 _MAX_CLAUSES = 512
-_NEGATE = {"==": "!=", "!=": "==", "<": ">=", ">=": "<", "<=": ">", ">": "<="}
+_NEGATE = {"<": ">=", ">=": "<", "<=": ">", ">": "<="}
 
 
 def _negate_atom(a: Atom) -> list[Atom]:
     if a.op == "masked":     # some masked bit differs from the wanted value
         return [Atom(a.arg, "masked", ~a.value & (1 << b), 1 << b)
                 for b in range(64) if a.mask >> b & 1]
+    if a.op == "==":
+        return _not_equal(a.arg, a.value)
     return [Atom(a.arg, _NEGATE[a.op], a.value)]
 
 
@@ -453,11 +505,11 @@ def complement(clauses: list[Clause], where: str, syscall: str) -> list[Clause]:
         for r in result:
             try:
                 norm = _normalize(r, where, syscall)
-            except PolicyError:
+            except PolicyError as e:
                 raise PolicyError(
-                    f"{where}: {syscall}: libseccomp cannot express the fallback action: "
-                    "its complement tests one argument twice with !=, <, >...; list the "
-                    "fallback cases explicitly instead") from None
+                    f"{where}: {syscall}: libseccomp cannot express the fallback action "
+                    f"({str(e).rsplit(': ', 1)[-1].split(';')[0]} in its complement); "
+                    "list the fallback cases explicitly instead") from None
             if norm is not None and list(norm) not in pruned:
                 pruned.append(list(norm))
         result = pruned
@@ -660,7 +712,7 @@ def merge(policy: Policy) -> list[Rule]:
     return rules
 
 
-_CMP = {"==": "EQ", "!=": "NE", "<": "LT", "<=": "LE", ">": "GT", ">=": "GE"}
+_CMP = {"==": "EQ", "<": "LT", "<=": "LE", ">": "GT", ">=": "GE"}
 
 
 def build_filter(rules: Sequence[Rule], default: Action):
