@@ -102,6 +102,23 @@ def test_guest_draws_into_a_shm_buffer_weston_accepts(kvm_ok, weston, tmp_path, 
     assert inst.vm_memory.mappings == []
 
 
+
+def test_vmm_run_wires_vm_memory_through_the_plugin_hooks(kvm_ok, weston, tmp_path):
+    """`vmm run GUEST --device virtio_wl:...`: the plugin's hooks (vmm_virtio_wl.hooks)
+    give the in-process device its VmMemoryController; the guest completes."""
+    import sys
+
+    out = tmp_path / "serial.txt"
+    result = subprocess.run(
+        [sys.executable, "-m", "vmmcore.cli", "run", str(build_guest(tmp_path / "wl.elf")),
+         "-m", "64", "--serial", f"type=file,path={out}",
+         "--device", f"virtio_wl:wayland_sock={weston.socket}"],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)
+    serial = out.read_text(errors="replace") if out.exists() else ""
+    assert result.returncode == 0, (result.returncode, result.stderr, serial)
+    assert "virtio-wl: OK" in serial and re.search(r"^vfd_new id 2 pfn 0x[0-9a-f]+ ", serial,
+                                                   re.M), serial
+
 def test_sandboxed_device_under_its_policy(kvm_ok, tmp_path, monkeypatch):
     """The same guest with the device in a jailed child (ProxyDevice) under the plugin's
     seccomp policy: the compositor socket and a VmMemoryServer socket are bind-mounted

@@ -154,3 +154,38 @@ def test_on_a_real_kvm_vm():
         vm.close()
         mem.close()
         kvm.close()
+
+
+def test_server_and_connecting_client(tmp_path):
+    """A jailed device reaches the main process through a socket path (bind-mounted)."""
+    from vmmcore.vm_control import ConnectingVmMemoryClient, VmMemoryServer
+
+    vm = RecordingVm()
+    c = VmMemoryController(vm, layout.system_allocator(256 * MiB))
+    path = tmp_path / "vm-memory.sock"
+    assert isinstance(ConnectingVmMemoryClient(path).request(UnregisterMemory(1)), Err)
+    server = VmMemoryServer(c, path)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    server.start()
+    try:
+        clients = [ConnectingVmMemoryClient(path) for _ in range(2)]
+        fd = memfd(4096)
+        regs = [register_memory(cl, fd, 0, 4096) for cl in clients]
+        assert len(c.mappings) == 2 and c.read(regs[0].slot, 0, 4) == bytes(4)
+        os.pwrite(fd, b"seen", 0)
+        assert c.read(regs[1].slot, 0, 4) == b"seen"      # the controller's own mapping
+        with pytest.raises(VmMemoryError):
+            c.read(regs[1].slot, 4000, 100)
+        for cl, r in zip(clients, regs, strict=True):
+            unregister_memory(cl, r.slot)
+        os.close(fd)
+        # a peer speaking garbage gets an Err, and the server keeps serving
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        raw.connect(str(path))
+        raw.send(b"\x07\0\0\0junk")
+        assert isinstance(decode_response(raw.recv(4096)), Err)
+        raw.close()
+        assert isinstance(clients[0].request(UnregisterMemory(99)), Err)
+    finally:
+        server.close()
+    assert not path.exists() and c.mappings == []
