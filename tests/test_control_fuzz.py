@@ -276,3 +276,17 @@ def test_peers_that_vanish(vm):
         s.close()
     assert_alive(inst, server)
     assert server.inst is inst
+
+
+def test_idle_connections_are_hung_up(vm, monkeypatch):
+    inst, server = vm
+    monkeypatch.setattr(cs, "IDLE_TIMEOUT", 0.3)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+        idle.settimeout(10)
+        idle.connect(str(server.path))
+        idle.sendall(b'{"version":1,"command":"status"}\n')
+        assert json.loads(idle.makefile("rb").readline())["ok"]
+        started = time.monotonic()
+        assert idle.recv(10) == b""                   # closed by the server
+        assert time.monotonic() - started < 5
+    assert_alive(inst, server)

@@ -457,7 +457,9 @@ class ControlServer:
             try:
                 data = conn.recv(MAX_REQUEST + 1 - len(buf) if len(buf) <= MAX_REQUEST else 1)
             except TimeoutError:
-                continue               # the checks above decide what a timeout means
+                if not buf:
+                    return             # idle for IDLE_TIMEOUT: hang up
+                continue               # mid-request: the check above answers and closes
             except OSError:
                 return
             if not data:               # EOF: a last request without its newline counts
