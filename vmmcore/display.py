@@ -198,6 +198,8 @@ class Display:
         with self.lock:
             fb = self.framebuffers[index]
             if width <= 0 or height <= 0:
+                if fb is not None:      # keep the last picture (a driver disables
+                    self.write_screenshots([index])    # its outputs at shutdown)
                 self.framebuffers[index] = None
             elif fb is None or fb.shape[:2] != (height, width):
                 self.framebuffers[index] = np.zeros((height, width, 3), np.uint8)
@@ -350,11 +352,18 @@ class Display:
             raise DisplayError(f"screenshot={path}: cannot open its directory: "
                                f"{e.strerror}") from None
 
-    def write_screenshots(self) -> None:
-        """Write every scanout's PNG (atomically: a temporary file, then rename)."""
+    def write_screenshots(self, indexes: Sequence[int] | None = None) -> None:
+        """Write the scanouts' PNGs (atomically: a temporary file, then rename).
+
+        A disabled scanout is skipped: its file keeps the last picture it showed.
+        """
         if self._screenshot_dir_fd is None:
             return
         for index, path in enumerate(self.screenshot_paths()):
+            if indexes is not None and index not in indexes:
+                continue
+            if self.framebuffers[index] is None:
+                continue
             try:
                 data = self.screenshot(index)
                 tmp = f".{path.name}.{os.getpid()}.tmp"

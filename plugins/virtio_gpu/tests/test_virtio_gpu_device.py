@@ -508,7 +508,21 @@ def test_factory_with_headless_and_screenshot_file(tmp_path):
     draw(GpuDriver(harness), 1, p.FORMAT_X8R8G8B8_UNORM, rgb)
     harness.close()                     # shutdown writes the final screenshots
     assert np.array_equal(png_pixels(shot.read_bytes()), rgb)
-    assert (tmp_path / "screen-1.png").exists()
+    assert not (tmp_path / "screen-1.png").exists()     # scanout 1 was never enabled
+
+
+def test_screenshot_keeps_the_last_picture_when_the_driver_disables_the_scanout(tmp_path):
+    shot = tmp_path / "screen.png"
+    dev = create({"width": 16, "height": 16, "display": "headless", "screenshot": shot},
+                 DeviceContext("virtio_gpu0", 0, 16 * MiB))
+    harness = DeviceHarness(dev, mem_size=16 * MiB)
+    harness.activate()
+    gpu = GpuDriver(harness)
+    rgb = pattern(16, 16)
+    draw(gpu, 1, p.FORMAT_B8G8R8X8_UNORM, rgb)
+    assert gpu.set_scanout(0, 0, 0, 0, 0, 0) == p.RESP_OK_NODATA    # as Linux at shutdown
+    harness.close()
+    assert np.array_equal(png_pixels(shot.read_bytes()), rgb)
 
 
 def test_virglrenderer_gives_a_clear_start_up_error(monkeypatch):
