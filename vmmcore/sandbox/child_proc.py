@@ -18,6 +18,7 @@ ioevents answer. Irqfds and INTx eventfds arrive as fds in assign_msix/assign_ir
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -309,10 +310,8 @@ def keeper_main(sock: socket.socket, build: Callable[[GuestMemory], PciDevice],
             pass
         status = 1
     finally:
-        try:
+        with contextlib.suppress(Exception):
             sys.stderr.flush()
-        except Exception:
-            pass
         os._exit(status)
 
 
@@ -330,10 +329,8 @@ def _close_other_fds(keep: set[int]) -> None:
         fds = list(range(3, 1024))
     for fd in fds:
         if fd not in keep:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 __all__ = ["ChildIrqRouter", "device_main", "keeper_main", "BarKind"]

@@ -28,6 +28,7 @@ which makes the other namespaces, the mounts and pivot_root possible without pri
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import os
@@ -78,7 +79,7 @@ _libc.syscall.restype = ctypes.c_long
 PRELOAD = (
     "json", "struct", "select", "socket", "threading", "logging", "traceback",
     "linecache", "contextlib", "errno", "queue", "time", "collections", "functools",
-    "encodings.ascii", "encodings.utf_8", "encodings.latin_1",
+    "encodings.ascii", "encodings.utf_8", "encodings.latin_1", "encodings.idna",
     "vmmcore.errors", "vmmcore.eventfd", "vmmcore.memory", "vmmcore.interrupts",
     "vmmcore.pci.config_space", "vmmcore.pci.device", "vmmcore.pci.msix",
     "vmmcore.pci.intx", "vmmcore.pci.irq", "vmmcore.virtio", "vmmcore.virtio.device",
@@ -170,10 +171,8 @@ def outer(cfg: JailConfig) -> None:
 def preload(extra: tuple[str, ...] = ()) -> None:
     """Import what the device process needs before the file system disappears."""
     for name in (*PRELOAD, *extra):
-        try:
+        with contextlib.suppress(ImportError):
             importlib.import_module(name)
-        except ImportError:
-            pass
     # Error paths format exceptions: make sure their machinery is loaded too.
     import traceback
 
@@ -191,39 +190,55 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int,
            f"mount {source or ''} on {target}")
 
 
+def _bind(fd: int, target: str, writable: bool) -> None:
+    import stat
+
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
+    _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
+    if not writable:
+        try:
+            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
+                   | MS_NODEV)
+        except JailError:
+            # A user namespace cannot clear flags it inherited as locked; keep them.
+            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
+                   | MS_NODEV | MS_NOEXEC)
+
+
 def _new_root(cfg: JailConfig) -> None:
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     base = next((d for d in ("/tmp", "/mnt", "/run", "/var/tmp") if os.path.isdir(d)), None)
     if base is None:
         raise JailError(0, "jail: no directory to build the new root on")
-    _mount("tmpfs", base, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-           f"size={cfg.tmpfs_size},mode=0755")
-    for src, dest, writable in cfg.binds:
-        target = base + "/" + dest.lstrip("/")
-        if os.path.isdir(src):
-            os.makedirs(target, exist_ok=True)
-        else:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
-        _mount(src, target, None, MS_BIND | MS_REC)
-        if not writable:
+    # Bind sources are opened first: the tmpfs may cover them (a source under /tmp).
+    sources = []
+    try:
+        for src, dest, writable in cfg.binds:
             try:
-                _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
-                       | MS_NODEV)
-            except JailError:
-                # A user namespace cannot clear flags it inherited as locked; retry
-                # keeping them.
-                _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
-                       | MS_NODEV | MS_NOEXEC)
+                fd = os.open(src, os.O_PATH | os.O_CLOEXEC)
+            except OSError as e:
+                raise JailError(e.errno, f"jail: bind mount source {src}: {e.strerror}") \
+                    from None
+            sources.append((fd, dest, writable))
+        _mount("tmpfs", base, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+               f"size={cfg.tmpfs_size},mode=0755")
+        for fd, dest, writable in sources:
+            _bind(fd, base + "/" + dest.lstrip("/"), writable)
+    finally:
+        for fd, _, _ in sources:
+            os.close(fd)
     os.chdir(base)
     _check(_libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
     _check(_libc.umount2(b".", MNT_DETACH), "detaching the old root")
     os.chdir("/")
-    try:   # the new root itself read-only (best effort: bind mounts keep their own flags)
+    # The new root itself read-only (best effort: bind mounts keep their own flags).
+    with contextlib.suppress(JailError):
         _mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
                | MS_NOEXEC)
-    except JailError:
-        pass
 
 
 class _CapHeader(ctypes.Structure):
@@ -243,10 +258,8 @@ def drop_capabilities() -> None:
             prctl(PR_CAPBSET_DROP, cap)
         except JailError:
             break                  # EINVAL past the last capability the kernel knows
-    try:
+    with contextlib.suppress(JailError):
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    except JailError:
-        pass
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     _check(_libc.syscall(SYS_CAPSET, ctypes.byref(header), ctypes.byref(data)), "capset")

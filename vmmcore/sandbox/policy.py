@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-
 def _import_binding():
     """libseccomp's binding: `seccomp` (mephi42-seccomp on PyPI for 3.12+, python3-seccomp
     on Debian) or `pyseccomp` (the same API over ctypes; 3.11).

@@ -20,6 +20,7 @@ main -> child                               child -> main
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -81,10 +82,8 @@ def recv(sock: socket.socket) -> tuple[bytes, list[int]]:
 def _close(fd: int) -> None:
     import os
 
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass
 
 
 class ProtocolError(Exception):

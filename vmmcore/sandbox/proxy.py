@@ -243,7 +243,10 @@ class ProxyDevice(PciDevice):
             except (DeviceDied, P.ProtocolError, ValueError) as e:
                 if startup and not isinstance(e, RequestTimeout):
                     raise
-                self._died(str(e))
+                # A hung or lying child is killed at once; a closed socket means the
+                # child is already on its way out.
+                alive = isinstance(e, (RequestTimeout, P.ProtocolError, ValueError))
+                self._died(str(e), kill=alive)
                 raise DeviceDied(self._death_reason or str(e)) from None
 
     def _op(self, req: dict, fds: Sequence[int] = ()) -> Any:
@@ -313,12 +316,15 @@ class ProxyDevice(PciDevice):
     def death_reason(self) -> str | None:
         return self._death_reason
 
-    def _died(self, why: str) -> None:
-        """Mark the device dead, reap the child, report once."""
+    def _died(self, why: str, kill: bool = False) -> None:
+        """Mark the device dead, reap the child (killing it first if kill), report once."""
         with self._death_lock:
             if self._dead:
                 return
             self._dead = True
+            if kill:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
             status = self._reap(wait=2.0)
             reason = describe_death(self._label, status, self.device_pid, why)
             self._death_reason = reason
@@ -523,9 +529,8 @@ class ProxyDevice(PciDevice):
         """Ask the child to stop (device.destroy() there), wait, then kill if needed."""
         self._shutting_down = True
         if not self._dead:
-            with self._lock:
-                with contextlib.suppress(OSError):
-                    P.send(self.sock, P.SHUTDOWN)
+            with self._lock, contextlib.suppress(OSError):
+                P.send(self.sock, P.SHUTDOWN)
             with self._death_lock:
                 self._dead = True
                 self._death_reason = f"device {self._label} shut down"
