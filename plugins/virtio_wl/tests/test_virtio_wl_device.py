@@ -305,3 +305,28 @@ def test_reset_releases_everything(rig):
     g.new_pipe(3, P.VFD_READ)
     assert g.device.reset()
     assert g.device.vfds == {} and g.device.vm_memory.mappings == []
+
+
+def test_host_memory_that_cannot_be_mapped_is_announced_without_size(tmp_path):
+    """No VmMemoryRequest path: a host memfd still becomes a VFD (it can be sent back),
+    but with pfn 0 and size 0, so the guest never maps guest page 0 by mistake."""
+    path = tmp_path / "wl"
+    with listening_socket(path) as srv:
+        g = WlGuest(VirtioWl({"": path}))
+        try:
+            g.new_ctx(1)
+            peer, _ = srv.accept()
+            shm = os.memfd_create("x")
+            os.ftruncate(shm, 4096)
+            send_fds(peer, b"k", [shm])
+            os.close(shm)
+            msgs = recv_until(g, lambda m: any(x.type == P.CMD_VFD_RECV for x in m))
+            [new] = [m for m in msgs if m.type == P.CMD_VFD_NEW]
+            assert (new.pfn, new.size) == (0, 0)
+            assert g.send(1, b"b", [new.vfd_id]) == P.RESP_OK
+            _, fds = recv_fds(peer)
+            assert len(fds) == 1 and os.fstat(fds[0]).st_size == 4096
+            os.close(fds[0])
+            peer.close()
+        finally:
+            g.close()

@@ -387,8 +387,10 @@ class VirtioWl(VirtioDevice):
                 new_ids.append(new_id)
         for new_id in new_ids:
             new = self.vfds[new_id]
+            # Memory the guest cannot map (mapping refused) is announced with size 0.
+            size = new.size if new.slot is not None else 0
             self.pending.append(InMessage(vfd_id, P.vfd_new(
-                False, new_id, new.flags(self.use_transition_flags), new.pfn, new.size),
+                False, new_id, new.flags(self.use_transition_flags), new.pfn, size),
                 [new_id]))
         self.pending.append(InMessage(vfd_id, P.vfd_recv(vfd_id, new_ids, data)))
 
@@ -535,13 +537,14 @@ class VirtioWl(VirtioDevice):
         if path is None:
             raise WlError(f"no Wayland socket named {name!r}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Connecting (a full backlog) and sending block at most this long: a stuck
+        # compositor must not hang the worker.
+        sock.settimeout(2.0)
         try:
             sock.connect(str(path))
         except OSError as e:
             sock.close()
             raise WlError(f"connecting to {path}: {e}") from e
-        # Sends block at most this long (a stuck compositor must not hang the worker).
-        sock.settimeout(2.0)
         vfd = Vfd(sock=sock)
         self.vfds[vfd_id] = vfd
         self._watch(vfd_id, vfd)
