@@ -187,6 +187,11 @@ class Display:
         self._inputs: dict[str, InputChannel] = {}
         self._last_shot = 0.0
         self._screenshot_dir_fd: int | None = None
+        # Import what screenshots need now: a jailed device process cannot import later.
+        _numpy()
+        with contextlib.suppress(ImportError):
+            import PIL.Image
+            import PIL.PngImagePlugin  # noqa: F401
         if self.options.screenshot is not None:
             self._open_screenshot_dir(Path(self.options.screenshot))
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from vmm_virtio_gpu import protocol as p
 from vmm_virtio_gpu.edid import build_edid
@@ -46,6 +47,17 @@ MAX_DIMENSION = 16384
 CURSOR_SIZE = 64
 CONTROL_QUEUE_SIZE = 256
 CURSOR_QUEUE_SIZE = 16
+
+
+def _rgb_slice(r: int, g: int, b: int) -> slice | list[int]:
+    if g == r + 1 and b == r + 2:
+        return slice(r, r + 3)
+    if g == r - 1 and b == r - 2:
+        return slice(r, r - 3 if r >= 3 else None, -1)
+    return [r, g, b]                                    # (no listed format needs this)
+
+
+_RGB_SLICE = {fmt: _rgb_slice(r, g, b) for fmt, (_, r, g, b, _a) in p.FORMATS.items()}
 
 
 class GpuError(Exception):
@@ -305,9 +317,10 @@ class VirtioGpu(VirtioDevice):
 
     @staticmethod
     def _rgb(res: Resource, x: int, y: int, w: int, h: int) -> np.ndarray:
-        _, r, g, b, _a = p.FORMATS[res.format]
+        """The rectangle as an (h, w, 3) RGB view (no copy: every format's R, G, B bytes
+        are adjacent, in order or reversed, so a strided slice picks them)."""
         block = res.pixels[y:y + h, x * 4:(x + w) * 4].reshape(h, w, 4)
-        return block[..., [r, g, b]]
+        return block[..., _RGB_SLICE[res.format]]
 
     @staticmethod
     def _rgba(res: Resource, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -338,7 +351,7 @@ class VirtioGpu(VirtioDevice):
                            f"transfer reads backing bytes {offset}..{end}, backing has "
                            f"{res.backing_len}")
         flat = self._gather(res, offset, end)
-        rows = np.lib.stride_tricks.as_strided(flat, shape=(h, row), strides=(stride, 1),
+        rows = as_strided(flat, shape=(h, row), strides=(stride, 1),
                                                writeable=False)
         res.pixels[y:y + h, x * 4:x * 4 + row] = rows
         return p.RESP_OK_NODATA, b""
