@@ -9,17 +9,15 @@ policy, and driven through a PciRoot the way Linux's virtio_pci driver does.
 from __future__ import annotations
 
 import importlib
-import os
 import struct
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from tests.test_sandbox_proxy import _SKIP  # the same namespace probe
 from vmmcore.sandbox.testing import PciVirtioRig
 from vmmcore.virtio.pci_transport import VirtioPciDevice
-
-from tests.test_sandbox_proxy import _SKIP   # the same namespace probe
 
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
