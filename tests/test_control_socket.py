@@ -207,6 +207,11 @@ def test_the_control_contract():
 
 
 # -- tier 2: a running VM ---------------------------------------------------------------------
+#
+# The core's tests install no plugin, so the devices here are stand-ins added to the PCI
+# root before the VM runs, each implementing (or not) the device-control contract the way
+# the real plugins do; plugins/virtio_balloon/tests drives the real balloon this way, and
+# the virtio-blk test below uses the real plugin when it is installed.
 
 
 def guest(name: str) -> Path:
@@ -215,23 +220,69 @@ def guest(name: str) -> Path:
     return guest_path(name)
 
 
-def device_configs(*specs: str):
-    from vmmcore.device_options import DeviceArgs, collect_devices
+PNG_1X1 = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082")
 
-    return collect_devices(DeviceArgs([("--device", s) for s in specs]))
+
+def stand_in_devices(inst) -> None:
+    """virtio_blk0 (resize), virtio_gpu0 (screenshot) and plain0 (no control at all)."""
+    from vmmcore.config import DeviceConfig
+    from vmmcore.virtio import DeviceType, VirtioDevice
+    from vmmcore.virtio.pci_transport import VirtioPciDevice
+
+    class StandInDisk(VirtioDevice):
+        device_type = DeviceType.BLOCK
+        queue_max_sizes = (16,)
+        control_commands = ("resize",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = bytearray(struct.pack("<Q", 2048))
+
+        def control(self, command, args):
+            size = args["size"]
+            if size % 512:
+                raise ValueError(f"size {size} is not a multiple of 512")
+            struct.pack_into("<Q", self.config, 0, size // 512)
+            self.config_changed()
+            return {"capacity": size // 512}
+
+    class StandInGpu(VirtioDevice):
+        device_type = DeviceType.GPU
+        queue_max_sizes = (16, 16)
+        control_commands = ("screenshot",)
+
+        def control(self, command, args):
+            if args["path"].endswith("self.png"):        # a device writing the file itself
+                Path(args["path"]).write_bytes(PNG_1X1)
+                return {"width": 1, "height": 1}
+            return {"png": PNG_1X1, "width": 1, "height": 1}
+
+    class Plain(VirtioDevice):
+        device_type = DeviceType.RNG
+        queue_max_sizes = (16,)
+
+    for plugin, model in (("virtio_blk", StandInDisk()), ("virtio_gpu", StandInGpu()),
+                          ("plain", Plain())):
+        pci = VirtioPciDevice(model, inst.mem, label=f"{plugin}0")
+        inst.pci_root.add_device(pci)
+        inst.plugin_devices.append((DeviceConfig(plugin), pci))
 
 
 class RunningVm:
     """The hello guest spinning (spin=1) with a control server, run in a thread."""
 
-    def __init__(self, tmp_path: Path, path: Path, devices=(), setup=None) -> None:
+    def __init__(self, tmp_path: Path, path: Path, devices=(), setup=stand_in_devices) -> None:
         from vmmcore.config import VmConfig
+        from vmmcore.device_options import DeviceArgs, collect_devices
         from vmmcore.vm_builder import build_vm
 
         self.serial = tmp_path / "serial.txt"
         config = VmConfig(kernel=guest("tests/hello"), mem_mib=64, params=["spin=1"],
                           serial=[f"type=file,path={self.serial}"],
-                          devices=device_configs(*devices))
+                          devices=collect_devices(DeviceArgs([("--device", d)
+                                                              for d in devices])))
         self.path = path
         self.server = ControlServer(path)
         self.inst = build_vm(config)
@@ -252,6 +303,9 @@ class RunningVm:
     def ask(self, command: str, /, **args) -> dict:
         return send_request(self.path, command, args)
 
+    def model(self, label: str):
+        return cs.find_device(self.inst, device=label).model
+
     def close(self) -> None:
         self.inst.stop("test teardown")
         self.thread.join(15)
@@ -261,7 +315,7 @@ class RunningVm:
 
 @pytest.fixture
 def vm(tmp_path, sock_path):
-    running = RunningVm(tmp_path, sock_path, devices=("virtio_balloon", "virtio_rng"))
+    running = RunningVm(tmp_path, sock_path)
     yield running
     running.close()
 
@@ -276,13 +330,13 @@ def test_status_lists_vcpus_devices_and_uptime(vm):
     [vcpu] = s["vcpus"]
     assert vcpu["id"] == 0 and vcpu["state"] == "running" and vcpu["exits"] > 0
     devices = {d["label"]: d for d in s["devices"]}
-    assert devices["virtio_balloon0"]["plugin"] == "virtio_balloon"
-    assert devices["virtio_balloon0"]["virtio_type"] == "balloon"
-    assert devices["virtio_balloon0"]["control"] is True
-    assert devices["virtio_balloon0"]["state"] == "reset"      # the guest has no driver
-    assert devices["virtio_rng0"]["control"] is False
-    assert devices["virtio_balloon0"]["address"] == "00:01.0"
-    assert devices["virtio_rng0"]["address"] == "00:02.0"
+    assert devices["pci-host-bridge"]["address"] == "00:00.0"
+    assert devices["pci-host-bridge"]["state"] == "present"
+    disk = devices["virtio_blk0"]
+    assert disk == {"address": "00:01.0", "label": "virtio_blk0", "plugin": "virtio_blk",
+                    "index": 0, "state": "reset", "control": True, "virtio_type": "block"}
+    assert devices["virtio_gpu0"]["address"] == "00:02.0"
+    assert devices["plain0"]["control"] is False
     time.sleep(0.1)                 # the vCPU thread needs the GIL now and then
     later = vm.ask("status")
     assert later["vcpus"][0]["exits"] > vcpu["exits"] and later["uptime"] > s["uptime"]
@@ -316,21 +370,36 @@ def test_powerbtn_presses_the_acpi_power_button(vm):
 
 
 @kvm
-def test_balloon_sets_the_target_the_guest_sees(vm):
-    answer = vm.ask("balloon", size=8 << 20)
+def test_disk_resize_goes_through_the_device_control_api(vm):
+    disk = vm.model("virtio_blk0")
+    generation = disk.config_generation
+    answer = vm.ask("disk_resize", index=0, size=4 << 20)
+    assert answer == {"version": 1, "ok": True, "device": "virtio_blk0", "capacity": 8192}
+    assert struct.unpack("<Q", disk.read_config(0, 8))[0] == 8192
+    assert disk.config_generation == generation + 1
+    assert vm.ask("disk_resize", index=0, size=1000)["error"] == \
+        "virtio_blk0: resize failed: size 1000 is not a multiple of 512"
+    assert vm.ask("disk_resize", index=1, size=1 << 20)["error"] == \
+        "no virtio_blk device 1: this VM has 1 (indices 0-0)"
+    assert "missing argument 'size'" in vm.ask("disk_resize", index=0)["error"]
+    assert "must be an integer" in vm.ask("disk_resize", size="1G")["error"]
+
+
+@kvm
+def test_gpu_screenshot_writes_the_png(vm, tmp_path):
+    out = tmp_path / "shot.png"
+    answer = vm.ask("gpu_screenshot", path=str(out))
     assert answer["ok"], answer
-    assert answer["device"] == "virtio_balloon0" and answer["num_pages"] == 2048
-    model = vm.inst.plugin_devices[0][1].device
-    assert struct.unpack("<I", model.read_config(0, 4))[0] == 2048
-    stats = vm.ask("balloon_stats")
-    assert stats["ok"] and stats["target_bytes"] == 8 << 20 and stats["actual"] == 0
-    assert stats["stats"] == {} and stats["driver"] is False
-    too_big = vm.ask("balloon", size=1 << 40)
-    assert not too_big["ok"] and "larger than guest memory" in too_big["error"]
-    assert not vm.ask("balloon", size=-1)["ok"]
-    assert "must be an integer" in vm.ask("balloon", size="lots")["error"]
-    missing = vm.ask("balloon", size=4096, index=1)
-    assert missing["error"] == "no virtio_balloon device 1: this VM has 1 (indices 0-0)"
+    assert answer["path"] == str(out) and answer["bytes"] == len(PNG_1X1)
+    assert answer["device"] == "virtio_gpu0" and answer["width"] == 1
+    assert out.read_bytes() == PNG_1X1
+    assert vm.ask("gpu_screenshot", path=str(tmp_path / "self.png"))["width"] == 1
+    assert (tmp_path / "self.png").read_bytes() == PNG_1X1
+    assert "does not exist" in vm.ask("gpu_screenshot",
+                                      path=str(tmp_path / "no" / "x.png"))["error"]
+    assert "must be absolute" in vm.ask("gpu_screenshot", path="x.png")["error"]
+    assert "no virtio_gpu device 3" in vm.ask("gpu_screenshot", path=str(out),
+                                              index=3)["error"]
 
 
 @kvm
@@ -338,26 +407,28 @@ def test_unknown_commands_and_missing_devices_get_clear_errors(vm):
     answer = vm.ask("reboot")
     assert not answer["ok"] and "unknown command 'reboot'" in answer["error"]
     assert "status" in answer["error"]
-    assert vm.ask("disk_resize", index=0, size=1 << 20)["error"] == \
-        "this VM has no virtio_blk device"
-    assert vm.ask("gpu_screenshot", path="/tmp/x.png")["error"] == \
-        "this VM has no virtio_gpu device"
-    assert "must be absolute" in vm.ask("gpu_screenshot", path="x.png")["error"]
-    answer = vm.ask("device", device="virtio_rng0", command="resize")
-    assert answer["error"] == ("device virtio_rng0 does not support control commands "
+    assert vm.ask("balloon", size=1 << 20)["error"] == "this VM has no virtio_balloon device"
+    assert vm.ask("balloon_stats")["error"] == "this VM has no virtio_balloon device"
+    answer = vm.ask("device", device="plain0", command="resize")
+    assert answer["error"] == ("device plain0 does not support control commands "
                                "(so not 'resize')")
-    answer = vm.ask("device", device="virtio_balloon0", command="query")
-    assert answer["ok"] and answer["result"]["num_pages"] == 0
-    assert "does not support 'grow'" in vm.ask("device", kind="balloon", command="grow")["error"]
+    answer = vm.ask("device", device="virtio_blk0", command="grow")
+    assert answer["error"] == "device virtio_blk0 does not support 'grow' (it supports: resize)"
+    answer = vm.ask("device", kind="disk", index=0, command="resize", args={"size": 512})
+    assert answer["ok"] and answer["result"] == {"capacity": 1}
+    assert "no device labelled 'nope'" in vm.ask("device", device="nope",
+                                                 command="x")["error"]
 
 
 @kvm
-def test_disk_resize_reaches_the_virtio_blk_device(tmp_path, sock_path):
+def test_disk_resize_reaches_the_real_virtio_blk_plugin(tmp_path, sock_path):
+    pytest.importorskip("vmm_virtio_blk")
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
-    running = RunningVm(tmp_path, sock_path, devices=(f"virtio_blk:path={image}",))
+    running = RunningVm(tmp_path, sock_path, devices=(f"virtio_blk:path={image}",),
+                        setup=None)
     try:
-        model = running.inst.plugin_devices[0][1].device
+        model = running.model("virtio_blk0")
         answer = running.ask("disk_resize", index=0, size=4 << 20)
         if not callable(getattr(model, "control", None)):
             # virtio-blk does not implement the contract yet: the answer says so
@@ -366,54 +437,6 @@ def test_disk_resize_reaches_the_virtio_blk_device(tmp_path, sock_path):
         else:
             assert answer["ok"], answer
             assert struct.unpack("<Q", model.read_config(0, 8))[0] == (4 << 20) // 512
-        assert "no virtio_blk device 1" in running.ask("disk_resize", index=1,
-                                                       size=1 << 20)["error"]
-    finally:
-        running.close()
-
-
-PNG_1X1 = bytes.fromhex(
-    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
-    "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082")
-
-
-def _fake_gpu(inst):
-    """A virtio-gpu stand-in implementing the screenshot contract (the real plugin's
-    owner implements it in plugins/virtio_gpu)."""
-    from vmmcore.config import DeviceConfig
-    from vmmcore.virtio import DeviceType, VirtioDevice
-    from vmmcore.virtio.pci_transport import VirtioPciDevice
-
-    class FakeGpu(VirtioDevice):
-        device_type = DeviceType.GPU
-        queue_max_sizes = (16, 16)
-        control_commands = ("screenshot",)
-
-        def control(self, command, args):
-            if args["path"].endswith("self.png"):        # a device writing the file itself
-                Path(args["path"]).write_bytes(PNG_1X1)
-                return {"width": 1, "height": 1}
-            return {"png": PNG_1X1, "width": 1, "height": 1}
-
-    pci = VirtioPciDevice(FakeGpu(), inst.mem, label="virtio_gpu0")
-    inst.pci_root.add_device(pci)
-    inst.plugin_devices.append((DeviceConfig("virtio_gpu"), pci))
-
-
-@kvm
-def test_gpu_screenshot_writes_the_png(tmp_path, sock_path):
-    running = RunningVm(tmp_path, sock_path, setup=_fake_gpu)
-    try:
-        out = tmp_path / "shot.png"
-        answer = running.ask("gpu_screenshot", path=str(out))
-        assert answer["ok"], answer
-        assert answer["path"] == str(out) and answer["bytes"] == len(PNG_1X1)
-        assert out.read_bytes() == PNG_1X1
-        assert running.ask("gpu_screenshot", path=str(tmp_path / "self.png"))["width"] == 1
-        assert (tmp_path / "self.png").read_bytes() == PNG_1X1
-        answer = running.ask("gpu_screenshot", path=str(tmp_path / "no" / "x.png"))
-        assert "does not exist" in answer["error"]
-        assert running.ask("status")["devices"][1]["label"] == "virtio_gpu0"
     finally:
         running.close()
 
@@ -467,7 +490,7 @@ def test_the_cli_end_to_end(tmp_path, sock_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vmmcore.cli", "run", "-m", "64", "-p", "spin=1",
          "--serial", f"type=file,path={serial}", "--socket", str(sock_path),
-         "--device", "virtio_balloon", str(guest("tests/hello"))],
+         str(guest("tests/hello"))],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(sock_path)
@@ -481,7 +504,7 @@ def test_the_cli_end_to_end(tmp_path, sock_path):
         s = json.loads(result.stdout)
         assert s["pid"] == proc.pid and s["vcpus"][0]["state"] == "running"
         result = vmm("status", str(sock_path))
-        assert "state: running" in result.stdout and "virtio_balloon0" in result.stdout
+        assert "state: running" in result.stdout and "pci-host-bridge" in result.stdout
         assert "vcpu0" in result.stdout
 
         assert vmm("suspend", str(sock_path)).returncode == 0
@@ -492,19 +515,19 @@ def test_the_cli_end_to_end(tmp_path, sock_path):
         result = vmm("powerbtn", str(sock_path))
         assert result.returncode == 0 and "not enabled the power button" in result.stderr
 
-        assert vmm("balloon", str(sock_path), "16M").returncode == 0
-        stats = json.loads(vmm("balloon_stats", str(sock_path)).stdout)
-        assert stats["num_pages"] == 4096
-
         result = vmm("disk", "resize", str(sock_path), "0", "1G")
         assert result.returncode == 1
         assert result.stderr.strip() == "vmm: error: this VM has no virtio_blk device"
         result = vmm("gpu", "screenshot", str(sock_path), str(tmp_path / "s.png"))
         assert result.returncode == 1 and "no virtio_gpu device" in result.stderr
+        result = vmm("balloon", str(sock_path), "16M")
+        assert result.returncode == 1 and "no virtio_balloon device" in result.stderr
         result = vmm("balloon", str(sock_path), "12Q")
         assert result.returncode == 2 and "SIZE '12Q' is not valid" in result.stderr
-        result = vmm("device", str(sock_path), "virtio_balloon0", "query")
-        assert result.returncode == 0 and json.loads(result.stdout)["num_pages"] == 4096
+        result = vmm("device", str(sock_path), "pci-host-bridge", "query")
+        assert result.returncode == 1 and "does not support control" in result.stderr
+        result = vmm("device", str(sock_path), "pci-host-bridge", "query", "[1]")
+        assert result.returncode == 2 and "must be an object" in result.stderr
 
         result = vmm("stop", str(sock_path))
         assert result.returncode == 0, result.stderr
