@@ -495,7 +495,8 @@ def create(options: Mapping[str, Any], ctx: Any) -> VirtioGpu:
         name=name, width=options["width"], height=options["height"],
         num_scanouts=options.get("num_scanouts", 1),
         refresh_rate=options.get("refresh_rate", 60),
-        screenshot=options.get("screenshot")))
+        screenshot=options.get("screenshot"),
+        extra={"listen": options.get("listen") or ""}))
     if options.get("window_keyboard"):
         display.attach_input("keyboard", input_channel(f"{name}/keyboard"))
     if options.get("window_mouse"):

@@ -40,6 +40,9 @@ PLUGIN = PluginSpec(
         Path("screenshot", default=None,
              help="Write each scanout as a PNG here (scanout N>0: NAME-N.png): at most "
                   "twice a second while the guest draws, and when the VM stops."),
+        Str("listen", default="",
+            help="display=web: HOST:PORT the browser viewer listens on (default "
+                 "127.0.0.1:6080; port 0 picks a free one)."),
         Size("hostmem", default=0, min=0, max=4 << 30,
              help="Host-visible memory region for blob resources (0: none)."),
         Bool("window_keyboard", default=False,
