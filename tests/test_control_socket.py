@@ -142,7 +142,7 @@ def test_other_files_and_bad_paths_are_refused(sock_path):
 
 
 class FakeModel:
-    control_commands = ("resize", "boom", "bad")
+    control_commands = ("resize", "boom", "bad", "sneaky")
 
     def __init__(self) -> None:
         self.calls = []
@@ -153,6 +153,8 @@ class FakeModel:
             raise RuntimeError("kaput")
         if command == "bad":
             return [1]
+        if command == "sneaky":
+            raise ValueError("two\nlines")
         if args.get("size", 0) > 100:
             raise ValueError("too big")
         return {"size": args.get("size")}
@@ -200,6 +202,9 @@ def test_the_control_contract():
         cs.device_control(dev, "boom", {})
     with pytest.raises(ControlError, match="not a dict"):
         cs.device_control(dev, "bad", {})
+    with pytest.raises(ControlError) as e:
+        cs.device_control(dev, "sneaky", {})
+    assert cs.error_response(str(e.value))["error"] == "virtio_blk0: sneaky failed: two lines"
     plain = cs.find_device(fake_vm(("virtio_rng", FakePci("virtio_rng0", object()))),
                            kind="rng")
     with pytest.raises(ControlError, match="virtio_rng0 does not support control commands"):

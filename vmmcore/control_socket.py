@@ -506,7 +506,7 @@ class ControlServer:
             after = None
             if isinstance(result, tuple):
                 result, after = result
-            response = {"version": PROTOCOL_VERSION, "ok": True, **result}
+            response = {**result, "version": PROTOCOL_VERSION, "ok": True}
         except ControlError as e:
             self.errors += 1
             response, after = error_response(str(e)), None
@@ -700,6 +700,8 @@ def _int_arg(args: dict, name: str, default: int | None = None, *,
 
 
 def error_response(message: str) -> dict:
+    """A failure answer; the message is made one line (devices may raise anything)."""
+    message = " ".join(str(message).split()) or "failed"
     return {"version": PROTOCOL_VERSION, "ok": False, "error": message}
 
 
