@@ -544,6 +544,37 @@ def test_the_cli_end_to_end(tmp_path, sock_path):
         proc.wait(10)
 
 
+def start_vmm(sock_path: Path, serial: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmmcore.cli", "run", "-m", "64", "-p", "spin=1",
+         "--serial", f"type=file,path={serial}", "-s", str(sock_path),
+         str(guest("tests/hello"))],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(sock_path)
+    return proc
+
+
+@kvm
+def test_a_killed_vmm_leaves_a_stale_socket_the_next_run_replaces(tmp_path, sock_path):
+    import signal
+
+    proc = start_vmm(sock_path, tmp_path / "serial.txt")
+    proc.kill()                                   # SIGKILL: no chance to clean up
+    proc.wait(10)
+    assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+    assert "stale control socket" in vmm("status", str(sock_path)).stderr
+    proc = start_vmm(sock_path, tmp_path / "serial.txt")
+    try:
+        assert vmm("status", str(sock_path)).returncode == 0
+        proc.send_signal(signal.SIGTERM)          # a clean stop removes the socket
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        assert not sock_path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
 def test_client_errors_are_one_line(sock_path):
     for args, message in [
         (("stop", str(sock_path)), "no such control socket"),
