@@ -537,3 +537,32 @@ def test_virglrenderer_gives_a_clear_start_up_error(monkeypatch):
     monkeypatch.setattr(virgl, "find_render_node", lambda: (None, "no DRM render node"))
     with pytest.raises(virgl.VirglUnavailable, match="cannot initialise: no DRM render node"):
         virgl.check_virglrenderer()
+
+
+def test_behind_the_pci_transport_it_is_a_display_controller():
+    from vmmcore.memory import GuestMemory
+    from vmmcore.virtio.pci_transport import BAR, DEVICE_CFG_OFFSET, VirtioPciDevice
+
+    mem = GuestMemory([(0, 1 << 20)])
+    try:
+        dev = VirtioGpu(Display(DisplayOptions(width=8, height=8, num_scanouts=3)), 8, 8,
+                        num_scanouts=3)
+        pci = VirtioPciDevice(dev, mem)
+        cfg = pci.config
+        assert (cfg.get_u16(0), cfg.get_u16(2)) == (0x1AF4, 0x1050)    # virtio 1.x GPU
+        # class 0x03 (display controller), subclass 0x80 (other): QEMU's virtio-gpu-pci;
+        # Linux's virtio_gpu binds by virtio id, and Xorg's modesetting driver by DRM
+        assert (cfg.get_u8(0x0B), cfg.get_u8(0x0A)) == (0x03, 0x80)
+        num_scanouts = struct.unpack("<I", pci.read_bar(BAR, DEVICE_CFG_OFFSET + 8, 4))[0]
+        assert num_scanouts == 3
+    finally:
+        mem.close()
+
+
+def test_gpu_spelling_builds_an_implemented_device():
+    from vmmcore.device_options import DeviceArgs, collect_devices
+    from vmmcore.registry import Registry
+
+    [g] = collect_devices(DeviceArgs([("--gpu", "width=800,height=600,num_scanouts=2")]),
+                          registry=Registry())
+    assert g.options["num_scanouts"] == 2 and g.options["screenshot"] is None
