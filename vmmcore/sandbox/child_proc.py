@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -230,8 +231,11 @@ def _range(r) -> list:
 
 
 def device_main(sock: socket.socket, build: Callable[[GuestMemory], PciDevice],
-                cfg: _jail.JailConfig) -> int:
-    """The device process: INIT, build, jail, serve. Returns the exit status."""
+                cfg: _jail.JailConfig, keeper: socket.socket | None = None) -> int:
+    """The device process: INIT, build, jail, serve. Returns the exit status.
+
+    keeper: where the seccomp listener fd goes (the keeper watches it).
+    """
     data, fds = P.recv(sock)
     if not data:
         return 0
@@ -245,7 +249,12 @@ def device_main(sock: socket.socket, build: Callable[[GuestMemory], PciDevice],
         mem = GuestMemory([tuple(r) for r in init["ranges"]], fd=fds[0])
         device = build(mem)
         server = _Server(sock, device)
-        _jail.enter(cfg)
+        listener = _jail.enter(cfg, listener=keeper is not None)
+        if keeper is not None:
+            if listener is not None:
+                socket.send_fds(keeper, [b"L"], [listener])
+                os.close(listener)
+            keeper.close()
         info = {"label": device.debug_label(), "pid": os.getpid(),
                 "msix_vectors": device.msix_vectors()}
     except BaseException as e:
@@ -273,28 +282,28 @@ def keeper_main(sock: socket.socket, build: Callable[[GuestMemory], PciDevice],
     status = 1
     try:
         _jail.set_parent_death_signal()
-        import signal as _signal
-
-        _signal.signal(_signal.SIGINT, _signal.SIG_IGN)   # Ctrl-C is the main process's
-        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _close_other_fds({0, 1, 2, sock.fileno(), *keep})
         _jail.outer(cfg)
         if cfg.enabled and cfg.namespaces:
+            watch_end, device_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             pid = os.fork()
             if pid == 0:
                 try:
+                    watch_end.close()
                     _jail.set_parent_death_signal()
-                    os._exit(device_main(sock, build, cfg))
+                    os._exit(device_main(sock, build, cfg, device_end))
                 except BaseException:
                     traceback.print_exc()
                     os._exit(1)
+            device_end.close()
             P.send(sock, P.pack_json(P.HELLO, {"pid": pid}))
-            sock.close()
-            _, wstatus = os.waitpid(pid, 0)
+            wstatus = _watch(pid, sock, watch_end)
             if os.WIFSIGNALED(wstatus):
                 sig = os.WTERMSIG(wstatus)
-                _signal.signal(sig, _signal.SIG_DFL)
-                _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [sig])
+                signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
                 os.kill(os.getpid(), sig)
                 status = 128 + sig
             else:
@@ -313,6 +322,72 @@ def keeper_main(sock: socket.socket, build: Callable[[GuestMemory], PciDevice],
         with contextlib.suppress(Exception):
             sys.stderr.flush()
         os._exit(status)
+
+
+#: A wait status meaning "killed by SIGSYS".
+SIGSYS_STATUS = int(signal.SIGSYS)
+
+
+def _watch(pid: int, sock: socket.socket, watch_end: socket.socket) -> int:
+    """The keeper's loop: wait for the device process; serve its seccomp listener.
+
+    A forbidden system call arrives as a USER_NOTIF while the calling thread waits: the
+    keeper tells the main process which call it was (an EVENT on the device's socket),
+    then kills the device process; the keeper then dies by SIGSYS, as the device would
+    have under KILL_PROCESS. Returns the device process's wait status (SIGSYS then).
+    """
+    import fcntl
+    import select
+    import struct
+
+    from vmmcore.sandbox.policy import SECCOMP_IOCTL_NOTIF_RECV
+
+    pidfd = os.pidfd_open(pid)
+    watch: list[int] = [pidfd, watch_end.fileno()]
+    listener = -1
+    violated = False
+    try:
+        while True:
+            try:
+                ready, _, _ = select.select(watch, [], [])
+            except InterruptedError:
+                continue
+            if watch_end.fileno() in ready:
+                try:
+                    _, fds, _, _ = socket.recv_fds(watch_end, 16, 1)
+                except OSError:
+                    fds = []
+                if fds:
+                    listener = fds[0]
+                    watch.append(listener)
+                watch.remove(watch_end.fileno())
+            if listener in ready:
+                buf = bytearray(80)               # struct seccomp_notif, zeroed
+                try:
+                    fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
+                except OSError:                   # the process is gone (ENOENT/EBADF)
+                    watch.remove(listener)
+                else:
+                    nr, arch = struct.unpack_from("<iI", buf, 16)
+                    args = list(struct.unpack_from("<6Q", buf, 32))
+                    with contextlib.suppress(OSError):
+                        P.send(sock, P.pack_json(P.EVENT, {
+                            "op": "seccomp_violation", "nr": nr, "arch": arch,
+                            "args": args}))
+                    # The device process is PID 1 of its namespace, which ignores
+                    # SIGSYS from outside; SIGKILL it and report SIGSYS as its end.
+                    violated = True
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            if pidfd in ready:
+                _, wstatus = os.waitpid(pid, 0)
+                return SIGSYS_STATUS if violated else wstatus
+    finally:
+        os.close(pidfd)
+        if listener >= 0:
+            os.close(listener)
+        watch_end.close()
+        sock.close()
 
 
 def _close_other_fds(keep: set[int]) -> None:

@@ -115,6 +115,9 @@ class JailConfig:
     preload: tuple[str, ...] = ()
     #: Size of the tmpfs that becomes the root.
     tmpfs_size: str = "64k"
+    #: Forbidden calls go to a seccomp listener (the keeper) that names them and kills
+    #: the device with SIGSYS, instead of the kernel killing it outright.
+    seccomp_listener: bool = True
 
     def wants_user_namespace(self) -> bool:
         if self.user_namespace is not None:
@@ -281,8 +284,13 @@ def set_rlimits(cfg: JailConfig) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def enter(cfg: JailConfig) -> None:
-    """Close the jail around the calling (single-threaded) device process. Seccomp last."""
+def enter(cfg: JailConfig, listener: bool = False) -> int | None:
+    """Close the jail around the calling (single-threaded) device process. Seccomp last.
+
+    With listener (and cfg.seccomp_listener), forbidden calls wait on a seccomp
+    listener whose fd is returned (None if the kernel cannot): the caller must hand it
+    to a process that serves it (the keeper), or forbidden calls block forever.
+    """
     preload(cfg.preload)
     if cfg.enabled:
         if cfg.namespaces and cfg.pivot_root:
@@ -293,4 +301,5 @@ def enter(cfg: JailConfig) -> None:
     if cfg.no_new_privs or cfg.seccomp is not None:
         prctl(PR_SET_NO_NEW_PRIVS, 1)
     if cfg.seccomp is not None:
-        cfg.seccomp.load()
+        return cfg.seccomp.load(listener=listener and cfg.seccomp_listener)
+    return None

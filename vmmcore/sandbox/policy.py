@@ -757,13 +757,21 @@ class CompiledPolicy:
     def instructions(self) -> int:
         return len(self.bpf) // 8
 
-    def load(self) -> None:
+    def load(self, listener: bool = False) -> int | None:
         """Install the filter on the calling thread (and its future threads/children).
 
-        Needs no_new_privs (or CAP_SYS_ADMIN). Uses prctl(PR_SET_SECCOMP) directly, so
-        the process loading it needs neither libseccomp nor any file.
+        Needs no_new_privs (or CAP_SYS_ADMIN). Loads the BPF directly, so the process
+        loading it needs neither libseccomp nor any file. With listener, KILL_PROCESS
+        becomes USER_NOTIF and the listener fd is returned (None when the kernel cannot,
+        after loading the plain filter instead).
         """
+        if listener and self.default.kind == "kill":
+            try:
+                return load_bpf_with_listener(self.bpf)
+            except OSError:
+                pass                   # an old kernel: kill, and name it from the audit log
         load_bpf(self.bpf)
+        return None
 
 
 def cache_dir() -> Path:
@@ -852,16 +860,58 @@ SECCOMP_MODE_FILTER = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def load_bpf(bpf: bytes) -> None:
-    """prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, bpf) on the calling thread."""
+SYS_SECCOMP = 317
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_RET_KILL_PROCESS = 0x8000_0000
+SECCOMP_RET_USER_NOTIF = 0x7FC0_0000
+#: ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, struct seccomp_notif[80 bytes])
+SECCOMP_IOCTL_NOTIF_RECV = 0xC050_2100
+_BPF_RET_K = 0x06
+_libc.syscall.restype = ctypes.c_long
+
+
+def _prog(bpf: bytes) -> tuple[_SockFprog, object]:
     n = len(bpf) // 8
     if n == 0 or len(bpf) % 8 or n > 0xFFFF:
         raise ValueError(f"bad BPF program of {len(bpf)} bytes")
     buf = (_SockFilter * n).from_buffer_copy(bpf)
-    prog = _SockFprog(n, ctypes.cast(buf, ctypes.POINTER(_SockFilter)))
+    return _SockFprog(n, ctypes.cast(buf, ctypes.POINTER(_SockFilter))), buf
+
+
+def load_bpf(bpf: bytes) -> None:
+    """prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, bpf) on the calling thread."""
+    prog, _keep = _prog(bpf)
     if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"loading the seccomp filter: {os.strerror(err)}")
+
+
+def kill_to_notify(bpf: bytes) -> bytes:
+    """The same program with every KILL_PROCESS return turned into USER_NOTIF."""
+    out = bytearray(bpf)
+    for off in range(0, len(out), 8):
+        code, k = int.from_bytes(out[off:off + 2], "little"), int.from_bytes(
+            out[off + 4:off + 8], "little")
+        if code == _BPF_RET_K and k == SECCOMP_RET_KILL_PROCESS:
+            out[off + 4:off + 8] = SECCOMP_RET_USER_NOTIF.to_bytes(4, "little")
+    return bytes(out)
+
+
+def load_bpf_with_listener(bpf: bytes) -> int:
+    """Load bpf with its KILL_PROCESS actions as USER_NOTIF; returns the listener fd.
+
+    Whoever holds the listener sees each forbidden call (its number, in
+    struct seccomp_notif) while the calling thread waits, and then kills the process:
+    the unprivileged way to name the system call (see vmmcore.sandbox.proxy).
+    """
+    prog, _keep = _prog(kill_to_notify(bpf))
+    fd = _libc.syscall(ctypes.c_long(SYS_SECCOMP), ctypes.c_long(SECCOMP_SET_MODE_FILTER),
+                       ctypes.c_long(SECCOMP_FILTER_FLAG_NEW_LISTENER), ctypes.byref(prog))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"loading the seccomp filter with a listener: {os.strerror(err)}")
+    return int(fd)
 
 
 def errno_name(value: int) -> str:

@@ -131,6 +131,7 @@ class ProxyDevice(PciDevice):
         self._ioevents: list[IoEventSpec] | None = None
         self._owned: list[EventFd] = []
         self._msix_vectors = 0
+        self._violation: int | None = None     # syscall nr the keeper's listener saw
         self.device_pid: int | None = None     # the device process (for audit records)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = parent
@@ -262,7 +263,11 @@ class ProxyDevice(PciDevice):
 
     def _handle_event(self, payload: bytes) -> None:
         try:
-            self._apply_route(P.unpack_json(payload))
+            event = P.unpack_json(payload)
+            if isinstance(event, dict) and event.get("op") == "seccomp_violation":
+                self._violation = _check_int(event.get("nr"), 0, 1 << 20)
+                return
+            self._apply_route(event)
         except (P.ProtocolError, VmmError, ValueError, TypeError) as e:
             log.warning("device %s: refused event: %s", self._label, e)
 
@@ -326,7 +331,10 @@ class ProxyDevice(PciDevice):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
             status = self._reap(wait=2.0)
-            reason = describe_death(self._label, status, self.device_pid, why)
+            if self._violation is None:
+                self._read_leftover_events()
+            reason = describe_death(self._label, status, self.device_pid, why,
+                                    self._violation)
             self._death_reason = reason
         if self._shutting_down:
             log.info("%s", reason)
@@ -337,6 +345,18 @@ class ProxyDevice(PciDevice):
                 self._on_death(reason)
             except Exception:
                 log.exception("device %s: death report failed", self._label)
+
+    def _read_leftover_events(self) -> None:
+        """After death: the keeper's seccomp_violation EVENT may still be queued."""
+        with contextlib.suppress(OSError, ValueError, P.ProtocolError):
+            while select.select([self.sock], [], [], 0)[0]:
+                data, fds = P.recv(self.sock)
+                for fd in fds:
+                    os.close(fd)
+                if not data:
+                    return
+                if data[:1] == P.EVENT:
+                    self._handle_event(data[1:])
 
     def _reap(self, wait: float) -> int | None:
         if self._reaped_status is not None:
@@ -588,14 +608,19 @@ def audit_syscall(pid: int | None, attempts: int = 20) -> int | None:
     return None
 
 
-def describe_death(label: str, status: int | None, device_pid: int | None, why: str) -> str:
-    """One line: which device died, how, and for SIGSYS which system call."""
+def describe_death(label: str, status: int | None, device_pid: int | None, why: str,
+                   violation: int | None = None) -> str:
+    """One line: which device died, how, and for SIGSYS which system call.
+
+    The call comes from the keeper's seccomp listener (violation), else from the
+    kernel's audit record in /dev/kmsg.
+    """
     if status is None:
         return f"device {label} died ({why})"
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         if sig == signal.SIGSYS:
-            nr = audit_syscall(device_pid)
+            nr = violation if violation is not None else audit_syscall(device_pid)
             if nr is not None:
                 return (f"device {label} was killed by seccomp: system call {nr} "
                         f"({syscall_name(nr)}) is not allowed by its policy")
