@@ -356,7 +356,7 @@ def test_forbidden_syscall_kills_and_is_reported_by_name(mem, policy):
         assert not p.config_register_write(1, 0, b"\x06\x00")
         p.write_bar(0, 8, b"\0")
     finally:
-        sup.stop()
+        sup.shutdown()
 
 
 def test_forbidden_syscall_in_a_worker_thread(mem, policy):
@@ -372,7 +372,7 @@ def test_forbidden_syscall_in_a_worker_thread(mem, policy):
         assert vm_exit is not None
         assert "system call 111 (getpgrp)" in vm_exit.message
     finally:
-        sup.stop()
+        sup.shutdown()
 
 
 @pytest.mark.skipif(not os.access("/dev/kmsg", os.R_OK), reason="kernel log not readable")
@@ -405,7 +405,7 @@ def test_child_dying_mid_request_does_not_hang(mem, policy):
         assert p.dead and "exited with status 3" in p.death_reason
         assert events.wait(1).status == 1
     finally:
-        sup.stop()
+        sup.shutdown()
 
 
 def test_hung_child_is_killed_after_the_timeout(mem, policy):
@@ -419,7 +419,7 @@ def test_hung_child_is_killed_after_the_timeout(mem, policy):
         assert "did not answer" in p.death_reason and "SIGKILL" in p.death_reason
         assert events.wait(1).event is VmEvent.ERROR
     finally:
-        sup.stop()
+        sup.shutdown()
 
 
 def test_supervisor_notices_a_death_between_requests(mem, policy):
@@ -434,7 +434,7 @@ def test_supervisor_notices_a_death_between_requests(mem, policy):
         assert "SIGKILL" in vm_exit.message and vm_exit.status == 1
         assert p.dead
     finally:
-        sup.stop()
+        sup.shutdown()
 
 
 def test_device_processes_die_with_the_main_process(mem, policy):

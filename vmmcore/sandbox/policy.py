@@ -52,6 +52,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmmcore.errors import VmmError
+
 
 def _import_binding():
     """libseccomp's binding: `seccomp` (mephi42-seccomp on PyPI for 3.12+, python3-seccomp
@@ -95,7 +97,7 @@ POLICY_FORMAT = 1          # bump when the compiler's output for the same text c
 CORE_POLICY_DIR = Path(__file__).resolve().parents[2] / "seccomp"
 
 
-class PolicyError(Exception):
+class PolicyError(VmmError):
     """A policy file is wrong; the message starts with file:line."""
 
 

@@ -133,6 +133,12 @@ class ProxyDevice(PciDevice):
         self._msix_vectors = 0
         self._violation: int | None = None     # syscall nr the keeper's listener saw
         self.device_pid: int | None = None     # the device process (for audit records)
+        if threading.active_count() > 1:
+            log.warning("device %s: forking with %d threads running (%s); a lock one of "
+                        "them holds stays locked in the device process. Create every "
+                        "ProxyDevice before starting threads.", label,
+                        threading.active_count(),
+                        ", ".join(t.name for t in threading.enumerate()))
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = parent
         pid = os.fork()
@@ -700,11 +706,20 @@ class SandboxSupervisor:
                         p.drain_events()
 
     def stop(self) -> None:
-        """Stop watching, then shut every device process down."""
+        """Stop watching; from now on a device's death is not an error (the VM is going
+        away). The devices themselves are destroyed by whoever owns them (PciRoot.close
+        calls destroy() on each), after their ioeventfds were unregistered."""
+        for p in self.proxies:
+            p._shutting_down = True        # noqa: SLF001
         if self._thread is not None:
             self._stop.write(1)
             self._thread.join(5.0)
             self._thread = None
+
+    def shutdown(self) -> None:
+        """stop(), then destroy every device (tests, or devices not on a PciRoot)."""
+        self.stop()
         for p in self.proxies:
             p.destroy()
-        self._stop.close()
+        if self._stop.fd >= 0:
+            self._stop.close()
