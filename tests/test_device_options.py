@@ -44,6 +44,16 @@ class FakeRegistry:
     def fill_distributions(self, records):
         pass
 
+    def hook_manager(self):
+        """No hook plugins: a bare manager with the core's hook specifications."""
+        import pluggy
+
+        from vmmcore import hookspecs
+
+        pm = pluggy.PluginManager(hookspecs.PROJECT)
+        pm.add_hookspecs(hookspecs)
+        return pm
+
 
 def rec(spec: PluginSpec | None = None, name: str | None = None, error: str | None = None):
     return PluginRecord(name=name or spec.name, kind="device", group="vmm.devices",
