@@ -122,6 +122,15 @@ class Fake(ConfiguredPciDevice):
             self.regs[offset] = bytes(data)
 
 
+class Controlled(Fake):
+    control_commands = ("echo", "fail")
+
+    def control(self, command: str, args: dict) -> dict | None:
+        if command == "fail":
+            raise ValueError("no such thing")
+        return {"echo": args, "png": b"\x89PNG\0", "pid": os.getpid()}
+
+
 def make(mem, policy=None, *, jail: JailConfig | None = None, **kw) -> ProxyDevice:
     cfg = jail if jail is not None else JailConfig(seccomp=policy)
     misbehave = kw.pop("misbehave", "")
@@ -232,6 +241,56 @@ def test_intx_eventfds_passed(mem, policy):
         p.destroy()
         irq.close()
         resample.close()
+
+
+def test_device_control_is_forwarded(mem, policy):
+    """vmmcore.control_socket's contract, answered by the model in the device process."""
+    from vmmcore.control_socket import ControlledDevice, device_control
+
+    p = ProxyDevice(Controlled, mem, label="ctl0", jail=JailConfig(seccomp=policy))
+    plain = make(mem, policy)
+    try:
+        dev = ControlledDevice("ctl0", "fake", 0, "00:01.0", p)
+        assert dev.control_target() is p and p.control_commands == ("echo", "fail")
+        result = device_control(dev, "echo", {"size": 5, "blob": b"\1\2"})
+        assert result == {"echo": {"size": 5, "blob": b"\1\2"}, "png": b"\x89PNG\0",
+                          "pid": 1}
+        with pytest.raises(Exception, match="fail failed: ValueError: no such thing"):
+            device_control(dev, "fail", {})
+        with pytest.raises(Exception, match="does not support 'other'"):
+            device_control(dev, "other", {})
+        assert not p.dead
+        # A model without control: the control socket sees none.
+        assert plain.control is None
+        assert ControlledDevice("fake0", "fake", 0, "00:02.0", plain).control_target() is None
+    finally:
+        p.destroy()
+        plain.destroy()
+
+
+def test_model_built_in_the_main_process_keeps_its_fds(mem, policy):
+    """The factory may run in the main process (it opens its files there); the model
+    is inherited by the fork and keep_fds() survive the keeper's fd sweep."""
+    r, w = os.pipe()
+    os.write(w, b"from the main process")
+    model_fd = r
+
+    class Reader(Fake):
+        def bar_read(self, bar, offset, size):
+            if offset == 0x400:
+                return os.read(model_fd, size)
+            return super().bar_read(bar, offset, size)
+
+    p = ProxyDevice(Reader, mem, label="keep0", jail=JailConfig(seccomp=policy),
+                    keep_fds=[model_fd])
+    try:
+        assert p.read_bar(0, 0x400, 8) == b"from the"
+        with pytest.raises(DeviceRequestError, match="Bad file descriptor"):
+            ev(p, f"os.write({w}, b'x')")          # not kept: closed in the child
+    finally:
+        p.destroy()
+        os.close(r)
+        os.close(w)
 
 
 # -- the jail --------------------------------------------------------------------------

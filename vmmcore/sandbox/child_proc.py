@@ -203,6 +203,21 @@ class _Server:
             dev.write_config_register(int(req["reg"]), int(req["offset"]),
                                       bytes.fromhex(req["data"]))
             self.reply_json(True)
+        elif name == "control_commands":
+            target = _control_target(dev)
+            if target is None:
+                self.reply_json({"control": False})
+            else:
+                cmds = getattr(target, "control_commands", None)
+                self.reply_json({"control": True,
+                                 "commands": None if cmds is None else [str(c) for c in cmds]})
+        elif name == "control":
+            target = _control_target(dev)
+            if target is None:
+                raise NotImplementedError("the device has no control commands")
+            args = P.decode_value(req.get("args") or {})
+            result = target.control(str(req["command"]), dict(args))  # type: ignore[arg-type]
+            self.reply_json(P.encode_value(result))
         elif name == "ping":
             self.reply_json({"pid": os.getpid(), "label": dev.debug_label()})
         elif name == "test_syscall":      # tests: make a system call by number
@@ -220,6 +235,14 @@ class _Server:
             self.reply_json(repr(eval(req["expr"], {"dev": dev, "os": os})))  # noqa: S307
         else:
             raise ValueError(f"unknown operation {name!r}")
+
+
+def _control_target(dev: object) -> object | None:
+    """The device-control target, as vmmcore.control_socket finds it."""
+    for obj in (dev, getattr(dev, "device", None)):
+        if obj is not None and callable(getattr(obj, "control", None)):
+            return obj
+    return None
 
 
 #: Tests turn this on (before forking) to use test_syscall/test_eval in the child.

@@ -86,5 +86,29 @@ def _close(fd: int) -> None:
         os.close(fd)
 
 
+def encode_value(value: object) -> object:
+    """JSON-ready: bytes become {"__bytes__": hex} (see decode_value)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"__bytes__": bytes(value).hex()}
+    if isinstance(value, dict):
+        return {str(k): encode_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [encode_value(v) for v in value]
+    return value
+
+
+def decode_value(value: object, depth: int = 0) -> object:
+    """Undo encode_value; nesting is bounded (the other side may be hostile)."""
+    if depth > 32:
+        raise ProtocolError("value nested too deeply")
+    if isinstance(value, dict):
+        if set(value) == {"__bytes__"} and isinstance(value["__bytes__"], str):
+            return bytes.fromhex(value["__bytes__"])
+        return {str(k): decode_value(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_value(v, depth + 1) for v in value]
+    return value
+
+
 class ProtocolError(Exception):
     """The other side sent something that does not follow the protocol."""

@@ -114,7 +114,8 @@ class ProxyDevice(PciDevice):
     def __init__(self, build: Callable[[GuestMemory], PciDevice], mem: GuestMemory, *,
                  label: str, jail: JailConfig | None = None,
                  timeout: float = DEFAULT_TIMEOUT,
-                 on_death: Callable[[str], None] | None = None) -> None:
+                 on_death: Callable[[str], None] | None = None,
+                 keep_fds: Sequence[int] = ()) -> None:
         self._label = label
         self._jail = jail if jail is not None else JailConfig()
         self._timeout = timeout
@@ -132,6 +133,8 @@ class ProxyDevice(PciDevice):
         self._owned: list[EventFd] = []
         self._msix_vectors = 0
         self._violation: int | None = None     # syscall nr the keeper's listener saw
+        self._has_control = False
+        self._control_commands: tuple[str, ...] | None = None
         self.device_pid: int | None = None     # the device process (for audit records)
         if threading.active_count() > 1:
             log.warning("device %s: forking with %d threads running (%s); a lock one of "
@@ -148,7 +151,7 @@ class ProxyDevice(PciDevice):
 
             with contextlib.suppress(BaseException):
                 _forget_parent_memory(mem)
-            keeper_main(child, build, self._jail)
+            keeper_main(child, build, self._jail, tuple(keep_fds))
         self.pid = pid
         child.close()
         self.pidfd: int | None = None
@@ -172,6 +175,12 @@ class ProxyDevice(PciDevice):
         if not isinstance(info, dict):
             raise DeviceDied(f"device {self._label}: bad INIT answer")
         self._msix_vectors = _check_int(info.get("msix_vectors", 0), 0, 2048)
+        control = self._op({"op": "control_commands"})
+        if isinstance(control, dict) and control.get("control"):
+            cmds = control.get("commands")
+            self._control_commands = (None if cmds is None else
+                                      tuple(str(c) for c in cmds if isinstance(c, str)))
+            self._has_control = True
         table = self._op({"op": "msix_table"})
         if table is not None:
             bar, offset, size = (_check_int(v) for v in table)
@@ -545,6 +554,33 @@ class ProxyDevice(PciDevice):
         self._gsis = {gsi for gsi, _ in vectors}
         self._op({"op": "assign_msix", "gsis": [gsi for gsi, _ in vectors]},
                  [evt.fileno() for _, evt in vectors])
+
+    # -- device control (vmmcore.control_socket's contract) ---------------------------------
+
+    @property
+    def control(self) -> Callable[[str, dict], dict | None] | None:
+        """The device model's control(command, args), run in the device process; None
+        when the model has none (so the control socket says it supports nothing)."""
+        return self._control if self._has_control else None
+
+    @property
+    def control_commands(self) -> tuple[str, ...] | None:
+        return self._control_commands
+
+    def _control(self, command: str, args: dict) -> dict | None:
+        try:
+            answer = self._op({"op": "control", "command": command,
+                               "args": P.encode_value(args)})
+        except DeviceRequestError as e:
+            # The child's "Type: message"; the control socket reports ValueErrors cleanly.
+            raise ValueError(str(e).split(": ", 1)[-1]) from None
+        try:
+            result = P.decode_value(answer)
+        except (P.ProtocolError, ValueError) as e:
+            raise ValueError(f"unreadable answer: {e}") from None
+        if result is not None and not isinstance(result, dict):
+            raise ValueError(f"the device answered {type(result).__name__}, not a dict")
+        return result
 
     # -- lifecycle -------------------------------------------------------------------------
 
