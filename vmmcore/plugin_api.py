@@ -42,7 +42,7 @@ from typing import Any
 #: The version of the plugin API this core provides, "MAJOR.MINOR".  A plugin states the
 #: version it was written against; it loads when the majors are equal and its minor is
 #: not newer than the core's.  Additions bump the minor; removals or changes, the major.
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 
 #: The plugin kinds, and the entry-point group each is discovered in.
 KIND_GROUPS: dict[str, str] = {
@@ -335,6 +335,10 @@ class DeviceContext:
     name: str                   # unique instance label, e.g. "virtio_blk1"
     index: int                  # position among this plugin's devices on the command line
     mem_size: int               # guest RAM in bytes
+    #: API 1.1: the VmMemoryRequest channel (vmmcore.vm_control) through which a device
+    #: maps host memory (a memfd) into the guest at an allocator address; in a sandboxed
+    #: device process it is replaced by a client of the main process's controller.
+    vm_memory: Any = None
 
 
 def load_factory(spec: PluginSpec) -> Callable[..., Any]:

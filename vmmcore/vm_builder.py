@@ -41,6 +41,7 @@ from vmmcore.plugin_api import DeviceContext, load_factory
 from vmmcore.registry import get_registry
 from vmmcore.virtio import VirtioDevice
 from vmmcore.virtio.pci_transport import VirtioPciDevice
+from vmmcore.vm_control import VmMemoryController
 from vmmcore.vm_events import VmEvent, VmEventSink, VmExit
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class VmInstance:
     serials: SerialDevices | None = None
     allocator: SystemAllocator | None = None
     pci_root: PciRoot | None = None
+    vm_memory: VmMemoryController | None = None
     loops: list[VcpuRunLoop] = field(default_factory=list)
     #: The ACPI PM device (the control socket's powerbtn presses its button).
     acpi_pm: AcpiPmDevice | None = None
@@ -215,6 +217,10 @@ def _add_pci_root(inst: VmInstance, mem_size: int) -> None:
     inst.allocator = layout.system_allocator(mem_size)
     inst.pci_root = build_pci_root(inst.vm, inst.io_bus, inst.mmio_bus, inst.allocator)
     inst.stack.callback(inst.pci_root.close)
+    # Devices map host memory into the guest through this (VmMemoryRequest); closed
+    # after the devices shut down (the ExitStack unwinds in reverse), before the VM.
+    inst.vm_memory = VmMemoryController(inst.vm, inst.allocator)
+    inst.stack.callback(inst.vm_memory.close)
 
 
 def _create_device(inst: VmInstance, device: DeviceConfig, index: int) -> PciDevice:
@@ -223,7 +229,7 @@ def _create_device(inst: VmInstance, device: DeviceConfig, index: int) -> PciDev
     if record is None or record.spec is None:
         raise ConfigError(f"device {device.name} is not installed")
     ctx = DeviceContext(name=f"{record.name}{index}", index=index,
-                        mem_size=inst.config.mem_mib * MiB)
+                        mem_size=inst.config.mem_mib * MiB, vm_memory=inst.vm_memory)
     try:
         model = load_factory(record.spec)(dict(device.options), ctx)
     except VmmError:

@@ -56,24 +56,20 @@ def test_guest_draws_into_a_shm_buffer_weston_accepts(kvm_ok, weston, tmp_path, 
     from vmmcore import vm_builder
     from vmmcore.config import DeviceConfig, VmConfig
     from vmmcore.registry import get_registry
-    from vmmcore.vm_control import VmMemoryController
     from vmmcore.vm_events import VmEvent
 
     devices = []
     original = vm_builder._create_device
 
-    def wired(inst, device, index):       # the README's recipe
-        if getattr(inst, "vm_memory", None) is None:
-            inst.vm_memory = VmMemoryController(inst.vm, inst.allocator)
-            inst.stack.callback(inst.vm_memory.close)
+    def recorded(inst, device, index):    # note the model the core built
         pci = original(inst, device, index)
         model = getattr(pci, "device", None)
-        if hasattr(model, "vm_memory") and model.vm_memory is None:
-            model.vm_memory = inst.vm_memory
+        if hasattr(model, "vm_memory"):
+            assert model.vm_memory is inst.vm_memory    # the core's channel (API 1.1)
             devices.append(model)
         return pci
 
-    monkeypatch.setattr(vm_builder, "_create_device", wired)
+    monkeypatch.setattr(vm_builder, "_create_device", recorded)
     spec = get_registry().get("device", "virtio_wl").spec
     options = {o.name: o.default_value() for o in spec.options}
     options["wayland_sock"] = weston.socket
@@ -109,9 +105,9 @@ def test_guest_draws_into_a_shm_buffer_weston_accepts(kvm_ok, weston, tmp_path, 
 
 
 
-def test_vmm_run_wires_vm_memory_through_the_plugin_hooks(kvm_ok, weston, tmp_path):
-    """`vmm run GUEST --device virtio_wl:...`: the plugin's hooks (vmm_virtio_wl.hooks)
-    give the in-process device its VmMemoryController; the guest completes."""
+def test_vmm_run_gives_the_device_the_core_vm_memory_channel(kvm_ok, weston, tmp_path):
+    """`vmm run GUEST --device virtio_wl:...`: the core's VmMemoryController reaches the
+    device through DeviceContext.vm_memory; the guest completes."""
     import sys
 
     out = tmp_path / "serial.txt"

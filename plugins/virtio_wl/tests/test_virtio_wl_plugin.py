@@ -67,33 +67,16 @@ def test_factory_builds_the_device(tmp_path):
     assert dev.host_paths() == [a, b]
 
 
-def test_hooks_wire_vm_memory_only_for_virtio_wl(tmp_path):
-    """vmm_virtio_wl.hooks: a VmMemoryController for VMs with a virtio_wl device, handed to
-    the in-process models that have none."""
-    import contextlib
-    from types import SimpleNamespace
+def test_factory_takes_the_vm_memory_channel_from_the_context(tmp_path):
+    """Plugin API 1.1: the core hands VmMemoryRequest in through DeviceContext.vm_memory."""
+    from vmm_virtio_wl.device import create
 
-    from vmm_virtio_wl import hooks
-    from vmm_virtio_wl.device import VirtioWl
+    from vmmcore.plugin_api import DeviceContext
 
-    from vmmcore.allocator import SystemAllocator
-    from vmmcore.registry import Registry
-
-    rec = Registry(fresh=True).get("hooks", "virtio_wl")
-    assert rec is not None and not rec.error, rec
-    assert set(rec.hooks) == {"vmm_vm_created", "vmm_devices_created"}
-    alloc = SystemAllocator(io=(0x1000, 0x1000), low_mmio=(0xC000_0000, 1 << 28),
-                            high_mmio=(1 << 32, 1 << 30), gsi=(24, 63))
-    with contextlib.ExitStack() as stack:
-        other = SimpleNamespace(config=SimpleNamespace(devices=[SimpleNamespace(name="x")]),
-                                vm=object(), stack=stack)
-        hooks.vmm_vm_created(vm=other, allocator=alloc)
-        assert not hasattr(other, "vm_memory")
-        cfg = SimpleNamespace(name="virtio_wl")
-        inst = SimpleNamespace(config=SimpleNamespace(devices=[cfg]), vm=object(), stack=stack)
-        hooks.vmm_vm_created(vm=inst, allocator=alloc)
-        dev = VirtioWl({"": tmp_path / "s"})
-        preset = VirtioWl({"": tmp_path / "s"}, vm_memory="core's")
-        hooks.vmm_devices_created(vm=inst, devices=[(cfg, SimpleNamespace(device=dev)),
-                                                   (cfg, SimpleNamespace(device=preset))])
-        assert dev.vm_memory is inst.vm_memory and preset.vm_memory == "core's"
+    a = tmp_path / "wayland-0"
+    a.touch()
+    [d] = _select(f"virtio_wl:{a}")
+    channel = object()
+    dev = create(d.options, DeviceContext(name="virtio_wl0", index=0, mem_size=1 << 28,
+                                          vm_memory=channel))
+    assert dev.vm_memory is channel

@@ -42,7 +42,7 @@ def _validate(options: dict[str, Any]) -> None:
 PLUGIN = PluginSpec(
     name="virtio_wl",
     kind="device",
-    api_version="1.0",
+    api_version="1.1",
     summary="virtio-wl: forwards the guest's Wayland clients to a host compositor socket",
     options=(
         Path("wayland_sock", required=True, must_exist=True,
