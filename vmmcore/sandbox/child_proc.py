@@ -334,12 +334,12 @@ def keeper_main(sock: socket.socket, build: Callable[[GuestMemory], PciDevice],
         else:
             P.send(sock, P.pack_json(P.HELLO, {"pid": os.getpid()}))
             status = device_main(sock, build, cfg)
-    except BaseException:
-        try:
-            traceback.print_exc()
-            P.send(sock, P.pack_json(P.ERROR, {"error": traceback.format_exc(limit=1)}))
-        except Exception:
-            pass
+    except BaseException as e:
+        log.debug("device keeper failed: %s", traceback.format_exc())
+        with contextlib.suppress(Exception):
+            P.send(sock, P.pack_json(P.ERROR, {
+                "error": f"cannot start the device process: {type(e).__name__}: {e} "
+                         "(--disable-sandbox runs devices in the main process)"}))
         status = 1
     finally:
         with contextlib.suppress(Exception):

@@ -667,8 +667,9 @@ def describe_death(label: str, status: int | None, device_pid: int | None, why: 
                 return (f"device {label} was killed by seccomp: system call {nr} "
                         f"({syscall_name(nr)}) is not allowed by its policy")
             return (f"device {label} was killed by seccomp (SIGSYS): it made a system call "
-                    "its policy does not allow; the kernel log was not readable to name it "
-                    "(see dmesg for type=1326, or run with --seccomp-log-failures)")
+                    "its policy does not allow; the kernel log did not name it (not "
+                    "readable, or rate-limited: see dmesg for type=1326, or run with "
+                    "--seccomp-log-failures)")
         try:
             name = signal.Signals(sig).name
         except ValueError:
