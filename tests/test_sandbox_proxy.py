@@ -268,6 +268,33 @@ def test_device_control_is_forwarded(mem, policy):
         plain.destroy()
 
 
+def test_state_for_vmm_status(mem, policy):
+    from vmmcore.control_socket import ControlledDevice, device_state
+
+    rig_mem = GuestMemory([(0, 4 * MiB)])
+    p = ProxyDevice(lambda m: VirtioPciDevice(Rng(), m), rig_mem, label="rng0",
+                    jail=JailConfig(seccomp=policy))
+    fake = make(mem, policy)
+    try:
+        dev = ControlledDevice("rng0", "virtio_rng", 0, "00:01.0", p)
+        assert device_state(dev) == "reset"
+        p.write_bar(0, 0x14, b"\x01")                # ACKNOWLEDGE (BAR not mapped: direct)
+        assert device_state(dev) == "configuring"
+        assert device_state(ControlledDevice("fake0", None, None, "00:02.0", fake)) == \
+            "present"
+        os.kill(p.pid, signal.SIGKILL)        # the device process follows (PDEATHSIG)
+        deadline = time.monotonic() + 5
+        while not p.dead and time.monotonic() < deadline:
+            p.read_bar(0, 0, 4)
+            time.sleep(0.01)
+        assert device_state(dev) == "needs-reset"
+        assert "SIGKILL" in p.interrupt.needs_reset_reason
+    finally:
+        p.destroy()
+        fake.destroy()
+        rig_mem.close()
+
+
 def test_model_built_in_the_main_process_keeps_its_fds(mem, policy):
     """The factory may run in the main process (it opens its files there); the model
     is inherited by the fork and keep_fds() survive the keeper's fd sweep."""

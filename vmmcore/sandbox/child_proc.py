@@ -218,6 +218,12 @@ class _Server:
             args = P.decode_value(req.get("args") or {})
             result = target.control(str(req["command"]), dict(args))  # type: ignore[arg-type]
             self.reply_json(P.encode_value(result))
+        elif name == "state":
+            interrupt = getattr(dev, "interrupt", None)
+            self.reply_json({
+                "active": getattr(dev, "active", None), "status": getattr(dev, "status", None),
+                "needs_reset": bool(getattr(interrupt, "needs_reset", False)),
+                "reason": str(getattr(interrupt, "needs_reset_reason", "") or "")})
         elif name == "ping":
             self.reply_json({"pid": os.getpid(), "label": dev.debug_label()})
         elif name == "test_syscall":      # tests: make a system call by number

@@ -582,6 +582,41 @@ class ProxyDevice(PciDevice):
             raise ValueError(f"the device answered {type(result).__name__}, not a dict")
         return result
 
+    # -- state, as `vmm status` reads it (vmmcore.control_socket.device_state) -------------
+
+    def _state(self) -> dict:
+        if self._dead:
+            return {"needs_reset": True, "reason": self._death_reason or "dead"}
+        try:
+            state = self._op({"op": "state"})
+        except (DeviceDied, DeviceRequestError):
+            return {"needs_reset": True, "reason": self._death_reason or "no answer"}
+        return state if isinstance(state, dict) else {}
+
+    @property
+    def interrupt(self) -> Any:
+        """needs_reset/needs_reset_reason of the model's interrupt (a dead device needs
+        reset, with its death as the reason)."""
+        from types import SimpleNamespace
+
+        state = self._state()
+        return SimpleNamespace(needs_reset=bool(state.get("needs_reset")),
+                               needs_reset_reason=str(state.get("reason") or ""))
+
+    @property
+    def active(self) -> bool:
+        value = self._state().get("active")
+        if value is None:
+            raise AttributeError("active")      # not a virtio transport: hasattr() False
+        return bool(value)
+
+    @property
+    def status(self) -> int:
+        value = self._state().get("status")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise AttributeError("status")
+        return value
+
     # -- lifecycle -------------------------------------------------------------------------
 
     def ping(self) -> dict:
