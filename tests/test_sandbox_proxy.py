@@ -498,6 +498,20 @@ def test_child_dying_mid_request_does_not_hang(mem, policy):
         sup.shutdown()
 
 
+def test_chatty_child_cannot_hold_a_request_forever(mem, policy):
+    """EVENTs instead of an answer: the request's one deadline still ends it."""
+    p = make(mem, policy, timeout=1.0)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DeviceDied, match="did not answer"):
+            ev(p, "[s.send(b'V{}') or __import__('time').sleep(0.01) for s in "
+                  "[o for o in __import__('gc').get_objects() "
+                  "if type(o).__name__ == '_Server'] for _ in range(100000)]")
+        assert time.monotonic() - t0 < 6
+    finally:
+        p.destroy()
+
+
 def test_hung_child_is_killed_after_the_timeout(mem, policy):
     events = VmEventSink()
     sup = SandboxSupervisor(events)

@@ -162,6 +162,9 @@ class ProxyDevice(PciDevice):
         except BaseException:
             self._kill_and_reap()
             self.sock.close()
+            if self.pidfd is not None:
+                os.close(self.pidfd)
+                self.pidfd = None
             raise
 
     # -- start-up ----------------------------------------------------------------------
@@ -198,8 +201,13 @@ class ProxyDevice(PciDevice):
 
     # -- the request loop ---------------------------------------------------------------
 
-    def _recv_packet(self, startup: bool = False) -> tuple[bytes, list[int]]:
-        deadline = time.monotonic() + (max(self._timeout, 30.0) if startup else self._timeout)
+    def _deadline(self, startup: bool = False) -> float:
+        return time.monotonic() + (max(self._timeout, 30.0) if startup else self._timeout)
+
+    def _recv_packet(self, startup: bool = False,
+                     deadline: float | None = None) -> tuple[bytes, list[int]]:
+        if deadline is None:
+            deadline = self._deadline(startup)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -236,8 +244,11 @@ class ProxyDevice(PciDevice):
                     raise DeviceDied(f"device {self._label}: {e}") from None
                 if not reply:
                     return None
+                # One deadline for the whole request: a child that keeps sending CALLs
+                # or EVENTs instead of its answer cannot hold the caller forever.
+                deadline = self._deadline(startup)
                 while True:
-                    data, got = self._recv_packet(startup)
+                    data, got = self._recv_packet(startup, deadline)
                     kind = data[:1]
                     if kind == P.REPLY:
                         if json_reply:
@@ -274,7 +285,10 @@ class ProxyDevice(PciDevice):
             answer: dict = {"ok": True}
         except (P.ProtocolError, VmmError, ValueError, TypeError) as e:
             answer = {"error": str(e)[:200]}
-        P.send(self.sock, P.pack_json(P.RESULT, answer))
+        try:
+            P.send(self.sock, P.pack_json(P.RESULT, answer))
+        except OSError as e:
+            raise DeviceDied(f"device {self._label}: {e}") from None
 
     def _handle_event(self, payload: bytes) -> None:
         try:
