@@ -319,7 +319,9 @@ class ProxyDevice(PciDevice):
         if not self._lock.acquire(timeout=0.05):
             return
         try:
-            while not self._dead:
+            for _ in range(64):           # bounded: a flooding child cannot starve requests
+                if self._dead:
+                    return
                 r, _, _ = select.select([self.sock], [], [], 0)
                 if not r:
                     return
