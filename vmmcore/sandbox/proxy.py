@@ -334,11 +334,11 @@ class ProxyDevice(PciDevice):
                 if not data:
                     self._died(f"device {self._label} closed its socket")
                     return
-                if data[:1] == P.EVENT:
-                    self._handle_event(data[1:])
-                else:
-                    log.warning("device %s: unexpected %r outside a request", self._label,
-                                data[:1])
+                if data[:1] != P.EVENT:       # only EVENTs may come unasked: a lying child
+                    self._died(f"device {self._label}: unexpected message {data[:1]!r} "
+                               "outside a request", kill=True)
+                    return
+                self._handle_event(data[1:])
         finally:
             self._lock.release()
 
