@@ -330,6 +330,9 @@ def test_jail_properties_without_seccomp(mem):
         assert ev(p, "__import__('vmmcore.sandbox.jail').sandbox.jail.capabilities()") \
             == "(0, 0, 0)"
         assert ev(p, "__import__('vmmcore.sandbox.jail').sandbox.jail.prctl(39)") == "1"
+        # The bounding set is empty too (PR_CAPBSET_READ of every capability).
+        assert ev(p, "sum(__import__('vmmcore.sandbox.jail').sandbox.jail.prctl(23, c) "
+                     "for c in range(41))") == "0"
         assert ev(p, "__import__('resource').getrlimit(7)") == "(1024, 1024)"
         with pytest.raises(DeviceRequestError, match="FileNotFoundError"):
             ev(p, "open('/etc/passwd')")
