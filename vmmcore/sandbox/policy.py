@@ -93,8 +93,11 @@ _seccomp = _import_binding()
 U64 = (1 << 64) - 1
 POLICY_FORMAT = 1          # bump when the compiler's output for the same text changes
 
-#: The core's policy directory (seccomp/ at the top of the source tree).
-CORE_POLICY_DIR = Path(__file__).resolve().parents[2] / "seccomp"
+#: Where the core's policies (common_device.policy ...) live: vmmcore/_seccomp in an
+#: installed wheel (setup.py copies seccomp/ there), else seccomp/ in the source tree.
+CORE_POLICY_DIRS = (Path(__file__).resolve().parents[1] / "_seccomp",
+                    Path(__file__).resolve().parents[2] / "seccomp")
+CORE_POLICY_DIR = next((d for d in CORE_POLICY_DIRS if d.is_dir()), CORE_POLICY_DIRS[-1])
 
 
 class PolicyError(VmmError):
@@ -563,7 +566,7 @@ def parse_files(paths: Sequence[str | os.PathLike[str]],
                 search_path: Sequence[str | os.PathLike[str]] = ()) -> Policy:
     """Parse policy files (and what they @include) into one merged Policy."""
     policy = Policy()
-    dirs = [Path(d) for d in search_path] + [CORE_POLICY_DIR]
+    dirs = [Path(d) for d in search_path] + [d for d in CORE_POLICY_DIRS if d.is_dir()]
     for p in paths:
         _parse_file(Path(p), policy, dirs, stack=[], where="command line")
     return policy
