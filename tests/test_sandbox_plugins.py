@@ -113,6 +113,28 @@ def test_virtio_blk_raw(tmp_path, sandboxed):
     assert on_disk[8 * 512 + 2048:8 * 512 + 4096] == (bytes(range(256)) * 16)[2048:]
 
 
+def test_virtio_blk_model_built_in_the_main_process(tmp_path):
+    """The builder's way (DeviceContext: factories run in the main process): the model
+    opens its image here; the device process inherits it and keeps model.keep_fds()."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    spec, factory, policy = plugin("virtio_blk")
+    _, _, raw_policy = plugin("raw")
+    ctx = SimpleNamespace(name="virtio_blk0", index=0, mem_size=8 << 20)
+    model = factory(options(spec, path=image, format="raw"), ctx)
+    try:
+        with PciVirtioRig(lambda mem: VirtioPciDevice(model, mem, label=ctx.name),
+                          sandboxed=True, policies=[policy, raw_policy], label=ctx.name,
+                          keep_fds=model.keep_fds()) as rig:
+            result = _blk_session(rig, image)
+            assert not rig.device.dead, rig.device.death_reason
+    finally:
+        model.shutdown()
+    assert result[:3] == [("write", b"\0"), ("read", True, b"\0"), ("flush", b"\0")]
+    assert image.read_bytes()[8 * 512 + 2048:8 * 512 + 4096] == \
+        (bytes(range(256)) * 16)[2048:]
+
+
 @pytest.mark.parametrize("sandboxed", MODES)
 def test_virtio_blk_qcow2(tmp_path, sandboxed):
     _, _, qcow2_policy = plugin("qcow2")

@@ -59,7 +59,8 @@ class PciVirtioRig:
                  policies: Sequence[str] = (), log_failures: bool = False,
                  jail: JailConfig | None = None, mem_size: int = 8 * MiB,
                  features: int = 0, queue_size: int | None = None,
-                 label: str = "virtio-dev", timeout: float = 10.0) -> None:
+                 label: str = "virtio-dev", timeout: float = 10.0,
+                 keep_fds: Sequence[int] = ()) -> None:
         self.mem = GuestMemory([(0, mem_size)])
         self.io, self.mmio = Bus("io"), Bus("mmio")
         self.router, self.ioev = FakeIrqRouter(), FakeIoEvents()
@@ -75,7 +76,7 @@ class PciVirtioRig:
                 if policies and cfg.seccomp is None:
                     cfg.seccomp = compile_policy(list(policies), log_failures=log_failures)
                 self.device = ProxyDevice(build, self.mem, label=label, jail=cfg,
-                                          timeout=timeout)
+                                          timeout=timeout, keep_fds=keep_fds)
             else:
                 self.device = build(self.mem)
             self.dev = self.root.add_device(self.device).device
