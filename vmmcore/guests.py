@@ -50,7 +50,7 @@ LINKER_SCRIPT = "runtime/guest.ld"
 
 #: Every guest: name -> its own sources (the runtime is added to each).
 GUESTS: dict[str, tuple[str, ...]] = {
-    "demo": ("demo/main.c",),
+    "demo": ("demo/main.c", "runtime/virtio.c", "runtime/irq.c"),
     "tests/hello": ("tests/hello.c",),
     "tests/smp": ("tests/smp.c", "tests/smp_trampoline.S"),
     "tests/mmio": ("tests/mmio.c",),

@@ -1,8 +1,12 @@
 /*
  * The demo guest `vmm run` boots when no kernel is given.  It shows what the VMM gave it
- * (memory map, CPUs, CPUID, PCI devices, the RTC), then powers off through ACPI.
+ * (memory map, CPUs, CPUID, PCI devices, the RTC), brings up each virtio-blk disk with
+ * the runtime's virtio-pci driver to print its size and the start of its first sector
+ * (read-only: it never writes to a disk), then powers off through ACPI.
  */
+#include "irq.h"
 #include "runtime.h"
+#include "virtio.h"
 
 static void show_cpu(void)
 {
@@ -120,6 +124,150 @@ static void show_pci(void)
 		puts("             (no devices)");
 }
 
+/* ---- virtio-blk disks: size, read-only flag and the first bytes of sector 0 ---- */
+
+#define VIRTIO_BLK_F_RO 5
+#define VIRTIO_BLK_F_BLK_SIZE 6
+#define VIRTIO_BLK_T_IN 0
+#define VIRTIO_BLK_S_OK 0
+#define SECTOR 512
+#define DISK_VECTOR IRQ_VECTOR_DEVICE0
+#define DISK_TIMEOUT_MS 2000
+#define SHOW_BYTES 16
+
+static struct {
+	u32 type, reserved;
+	u64 sector;
+} blk_hdr __attribute__((aligned(16)));
+static u8 blk_data[SECTOR] __attribute__((aligned(4096)));
+static volatile u8 blk_status;
+
+/* Reads sector 0 into blk_data: 0 on success, else a short reason in *why. */
+static int read_sector0(struct virtio_dev *d, int use_irq, const char **why)
+{
+	struct virtq *q = &d->vq[0];
+	blk_hdr.type = VIRTIO_BLK_T_IN;
+	blk_hdr.reserved = 0;
+	blk_hdr.sector = 0;
+	blk_status = 0xff;
+	memset(blk_data, 0, sizeof(blk_data));
+	const struct virtq_buf b[3] = {
+		{ (u64)(uintptr_t)&blk_hdr, sizeof(blk_hdr), 0 },
+		{ (u64)(uintptr_t)blk_data, SECTOR, 1 },
+		{ (u64)(uintptr_t)&blk_status, 1, 1 },
+	};
+	u32 seen = irq_counts[DISK_VECTOR];
+	int head = virtq_submit(q, b, 3);
+	if (head < 0) {
+		*why = "the queue is too small";
+		return -1;
+	}
+	virtq_kick(q);
+	if (use_irq)
+		irq_wait_vector(DISK_VECTOR, seen, DISK_TIMEOUT_MS);
+	for (unsigned i = 0; i < 200000 && !virtq_has_used(q); i++)
+		cpu_relax();
+	u32 id, len;
+	if (virtq_get_used(q, &id, &len)) {
+		*why = virtio_status(d) & VIRTIO_STATUS_NEEDS_RESET ? "device needs reset"
+								    : "no completion (timed out)";
+		return -1;
+	}
+	if (id != (u32)head) {
+		*why = "the device returned another request";
+		return -1;
+	}
+	if (blk_status != VIRTIO_BLK_S_OK) {
+		*why = blk_status == 1 ? "status IOERR" : "status UNSUPP or bad";
+		return -1;
+	}
+	return 0;
+}
+
+static void show_bytes(const u8 *p, unsigned n)
+{
+	print("               sector 0:");
+	for (unsigned i = 0; i < n; i++)
+		printf(i % 4 ? "%02x" : " %02x", p[i]);
+	print("  |");
+	for (unsigned i = 0; i < n; i++)
+		putc(p[i] >= 0x20 && p[i] < 0x7f ? (char)p[i] : '.');
+	puts("|");
+}
+
+/* One disk: bring-up, capacity, read-only flag, sector 0; then reset the device. */
+static void show_disk(struct pci_func *f, unsigned n, int use_irq)
+{
+	static struct virtio_dev d;
+	char name[4] = { 'v', 'd', (char)('a' + n % 26), '\0' };
+	printf("             %s at 00:%02x.%u", name, f->dev, f->fn);
+	int rc = virtio_probe(&d, f);
+	if (!rc)
+		rc = virtio_negotiate(&d, 1ULL << VIRTIO_BLK_F_RO | 1ULL << VIRTIO_BLK_F_BLK_SIZE);
+	if (!rc && use_irq)
+		rc = virtio_setup_msix(&d, lapic_id(), DISK_VECTOR);
+	if (!rc)
+		rc = virtio_setup_queue(&d, 0, 4, use_irq ? 0 : VIRTIO_MSI_NO_VECTOR);
+	if (!rc)
+		rc = virtio_driver_ok(&d);
+	if (rc) {
+		printf(": bring-up failed: %s\n", d.error);
+		if (d.common)
+			virtio_reset(&d);
+		return;
+	}
+	u64 sectors = virtio_cfg_read64(&d, 0);
+	int ro = d.driver_features >> VIRTIO_BLK_F_RO & 1;
+	printf(": %lu sectors (%lu MiB), %s", sectors, sectors >> 11,
+	       ro ? "read-only" : "read-write");
+	if (d.driver_features >> VIRTIO_BLK_F_BLK_SIZE & 1)
+		printf(", block size %u", virtio_cfg_read32(&d, 20));
+	putc('\n');
+	const char *why = "";
+	if (!sectors)
+		puts("               sector 0: (empty disk)");
+	else if (read_sector0(&d, use_irq, &why))
+		printf("               sector 0: read failed: %s\n", why);
+	else
+		show_bytes(blk_data, SHOW_BYTES);
+	virtio_reset(&d);
+}
+
+static void show_disks(void)
+{
+	static struct pci_func funcs[32];
+	unsigned n = pci_scan(PCI_CF8, funcs, ARRAY_SIZE(funcs));
+	if (n > ARRAY_SIZE(funcs))
+		n = ARRAY_SIZE(funcs);
+	unsigned disks = 0;
+	for (unsigned i = 0; i < n; i++)
+		disks += funcs[i].vendor == VIRTIO_PCI_VENDOR &&
+			 funcs[i].device == VIRTIO_PCI_MODERN_ID(VIRTIO_ID_BLOCK);
+	if (!disks)
+		return;
+	printf("  disks    %u virtio-blk (read-only here: sector 0 is read, nothing written):\n",
+	       disks);
+	/* what firmware does first: every function gets its BARs, in bus order */
+	struct pci_window mem = { PCI_LOW_MMIO_START, PCI_LOW_MMIO_END };
+	struct pci_window io = { PCI_IO_START, PCI_IO_END };
+	if (pci_assign_all(funcs, n, &mem, &io)) {
+		puts("             BAR assignment failed");
+		return;
+	}
+	int use_irq = irq_init() == 0;
+	unsigned shown = 0;
+	for (unsigned i = 0; i < n; i++) {
+		if (funcs[i].vendor != VIRTIO_PCI_VENDOR ||
+		    funcs[i].device != VIRTIO_PCI_MODERN_ID(VIRTIO_ID_BLOCK))
+			continue;
+		if (shown == VIRTIO_RING_POOL) {	/* one ring per disk, never reused */
+			printf("             (%u more not shown)\n", disks - shown);
+			break;
+		}
+		show_disk(&funcs[i], shown++, use_irq);
+	}
+}
+
 static void show_rtc(void)
 {
 	struct rtc_time t;
@@ -145,6 +293,7 @@ int main(const void *bp)
 	const struct acpi_info *a = acpi();
 	show_acpi(a);
 	show_pci();
+	show_disks();
 	show_rtc();
 
 	if (a->fadt && a->pm1a_cnt) {
