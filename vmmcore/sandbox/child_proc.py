@@ -30,7 +30,6 @@ from collections.abc import Callable
 
 from vmmcore.eventfd import EventFd
 from vmmcore.memory import GuestMemory
-from vmmcore.pci.config_space import BarKind
 from vmmcore.pci.device import PciDevice
 from vmmcore.pci.intx import PciIntx
 from vmmcore.sandbox import jail as _jail
@@ -72,7 +71,6 @@ class _Server:
         self.send_lock = threading.Lock()
         self.server_thread = threading.current_thread()
         self.in_request = False
-        self.ioevent_fds: list[EventFd] = []
 
     # -- sending -------------------------------------------------------------------------
 
@@ -116,8 +114,9 @@ class _Server:
             kind, payload = data[:1], data[1:]
             if kind == P.SHUTDOWN:
                 return
+            consumed = False
             try:
-                self.dispatch(kind, payload, fds)
+                consumed = self.dispatch(kind, payload, fds)
             except Exception as e:  # a device bug: tell the caller, keep serving
                 log.error("%s: %s failed: %s", self.device.debug_label(), kind,
                           traceback.format_exc())
@@ -125,8 +124,13 @@ class _Server:
                     self.send(P.pack_json(P.ERROR, {"error": f"{type(e).__name__}: {e}"}))
             finally:
                 self.in_request = False
+                if not consumed:          # fds nobody took (or a failed assign_*)
+                    for fd in fds:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
 
-    def dispatch(self, kind: bytes, payload: bytes, fds: list[int]) -> None:
+    def dispatch(self, kind: bytes, payload: bytes, fds: list[int]) -> bool:
+        """Serve one request; True when its fds now belong to the device."""
         dev = self.device
         if kind == P.READ_BAR:
             bar, offset, size = P.BAR_ACCESS.unpack_from(payload)
@@ -151,11 +155,13 @@ class _Server:
                              "added": [_range(r) for r in result.added]})
         elif kind == P.OP:
             self.in_request = True
-            self.op(P.unpack_json(payload), fds)
+            return self.op(P.unpack_json(payload), fds)
         else:
             raise P.ProtocolError(f"unknown message {kind!r}")
+        return False
 
-    def op(self, req: dict, fds: list[int]) -> None:
+    def op(self, req: dict, fds: list[int]) -> bool:
+        """A set-up or rare operation; True when it took ownership of fds."""
         dev = self.device
         name = req.get("op")
         if name == "bars":
@@ -184,15 +190,14 @@ class _Server:
             dev.assign_msix(ChildIrqRouter(self),  # type: ignore[arg-type]
                             [(g, EventFd(fd)) for g, fd in zip(gsis, fds, strict=True)])
             self.reply_json(True)
+            return True
         elif name == "assign_irq":
             if len(fds) != 2:
                 raise ValueError("assign_irq needs the irq and resample eventfds")
             intx = PciIntx(int(req["gsi"]), int(req["pin"]), EventFd(fds[0]), EventFd(fds[1]))
-            used = dev.assign_irq(intx)
-            if not used:
-                for fd in fds:
-                    os.close(fd)
-            self.reply_json(bool(used))
+            used = bool(dev.assign_irq(intx))
+            self.reply_json(used)
+            return used
         elif name == "ioevents":
             specs = dev.ioevents()
             self.reply_json([[s.bar, s.offset, s.length, s.datamatch] for s in specs],
@@ -241,6 +246,7 @@ class _Server:
             self.reply_json(repr(eval(req["expr"], {"dev": dev, "os": os})))  # noqa: S307
         else:
             raise ValueError(f"unknown operation {name!r}")
+        return False
 
 
 def _control_target(dev: object) -> object | None:
@@ -437,4 +443,4 @@ def _close_other_fds(keep: set[int]) -> None:
                 os.close(fd)
 
 
-__all__ = ["ChildIrqRouter", "device_main", "keeper_main", "BarKind"]
+__all__ = ["ChildIrqRouter", "device_main", "keeper_main"]
