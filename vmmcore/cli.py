@@ -79,18 +79,22 @@ def main(verbose: int) -> None:
 @click.option("--serial", multiple=True, metavar="SPEC",
               help="Serial port: type=stdout|stderr|file|unix|sink,path=P,num=1..4,"
                    "console=true,stdin=true (crosvm syntax); repeatable.")
-@click.option("--disable-sandbox", is_flag=True, help="Run devices in the main process.")
+@click.option("--disable-sandbox", is_flag=True,
+              help="Run devices in the main process (no jail, no seccomp).")
+@click.option("--seccomp-log-failures", is_flag=True,
+              help="Log syscalls a device's policy forbids instead of killing the device.")
 @click.option("--kvm-device", type=click.Path(path_type=Path), default=Path("/dev/kvm"),
               show_default=True, help="Path to the KVM device.")
 @click.option("-s", "--socket", "socket_path", type=click.Path(path_type=Path),
               help="Control socket for `vmm stop/suspend/resume/status/... PATH`.")
 @device_options
 def run(kernel: Path | None, initrd: Path | None, params: tuple[str, ...], cpus: int,
-        mem_mib: int, serial: tuple[str, ...], disable_sandbox: bool, kvm_device: Path,
-        socket_path: Path | None, device_args: DeviceArgs, **plugin_options: object) -> None:
+        mem_mib: int, serial: tuple[str, ...], disable_sandbox: bool,
+        seccomp_log_failures: bool, kvm_device: Path, socket_path: Path | None, device_args: DeviceArgs, **plugin_options: object) -> None:
     """Boot KERNEL (bzImage or ELF vmlinux); with no KERNEL, the built-in demo guest."""
     config = VmConfig(kernel=kernel, initrd=initrd, params=list(params), cpus=cpus,
                       mem_mib=mem_mib, serial=list(serial), disable_sandbox=disable_sandbox,
+                      seccomp_log_failures=seccomp_log_failures,
                       kvm_device=kvm_device, socket=socket_path,
                       plugin_options=plugin_options)
     try:

@@ -279,6 +279,14 @@ class PluginSpec:
     positional   the option that a leading bare value fills, as in crosvm's
                  ``--block /path,ro`` (path) — None when there is none
     magic        disk formats only: the bytes at offset 0 that identify the format
+    policy_with  (API 1.1) plugin kinds whose installed plugins' policies are compiled
+                 into this device's filter, because their code runs in its process
+                 (virtio_blk: ("disk_format",); virtio_gpu: ("display",))
+    sandbox_binds (API 1.1) callable(options) -> host paths the device process reaches
+                 after the jail closes (e.g. a Wayland socket it connects to later);
+                 each is bind-mounted at the same path inside the jail
+    sandbox_preload (API 1.1) modules the device imports lazily, imported before the jail
+                 closes (afterwards there is no file system to import from)
     """
 
     name: str
@@ -292,6 +300,9 @@ class PluginSpec:
     positional: str | None = None
     magic: bytes | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    policy_with: tuple[str, ...] = ()
+    sandbox_binds: Callable[[dict[str, Any]], list[str]] | None = None
+    sandbox_preload: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):

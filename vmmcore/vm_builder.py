@@ -38,10 +38,13 @@ from vmmcore.memory import GuestMemory
 from vmmcore.pci.device import PciDevice
 from vmmcore.pci.root import PciRoot, build_pci_root
 from vmmcore.plugin_api import DeviceContext, load_factory
-from vmmcore.registry import get_registry
+from vmmcore.registry import PluginRecord, get_registry
+from vmmcore.sandbox.jail import JailConfig
+from vmmcore.sandbox.policy import compile_policy
+from vmmcore.sandbox.proxy import ProxyDevice, SandboxSupervisor
 from vmmcore.virtio import VirtioDevice
 from vmmcore.virtio.pci_transport import VirtioPciDevice
-from vmmcore.vm_control import VmMemoryController
+from vmmcore.vm_control import VmMemoryController, VmMemoryServer
 from vmmcore.vm_events import VmEvent, VmEventSink, VmExit
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,8 @@ class VmInstance:
     allocator: SystemAllocator | None = None
     pci_root: PciRoot | None = None
     vm_memory: VmMemoryController | None = None
+    vm_memory_server: VmMemoryServer | None = None
+    supervisor: SandboxSupervisor | None = None
     loops: list[VcpuRunLoop] = field(default_factory=list)
     #: The ACPI PM device (the control socket's powerbtn presses its button).
     acpi_pm: AcpiPmDevice | None = None
@@ -221,28 +226,77 @@ def _add_pci_root(inst: VmInstance, mem_size: int) -> None:
     # after the devices shut down (the ExitStack unwinds in reverse), before the VM.
     inst.vm_memory = VmMemoryController(inst.vm, inst.allocator)
     inst.stack.callback(inst.vm_memory.close)
+    inst.vm_memory_server = VmMemoryServer(inst.vm_memory)
+    inst.stack.callback(inst.vm_memory_server.close)
+    # Watches the device processes; stopped before the PCI root destroys the proxies.
+    inst.supervisor = SandboxSupervisor(inst.events)
+    inst.stack.callback(inst.supervisor.stop)
 
 
-def _create_device(inst: VmInstance, device: DeviceConfig, index: int) -> PciDevice:
-    """Run a device plugin's factory and put the result behind the PCI transport."""
-    record = get_registry().get("device", device.name)
-    if record is None or record.spec is None:
-        raise ConfigError(f"device {device.name} is not installed")
-    ctx = DeviceContext(name=f"{record.name}{index}", index=index,
-                        mem_size=inst.config.mem_mib * MiB, vm_memory=inst.vm_memory)
+def _device_model(inst: VmInstance, record: PluginRecord, device: DeviceConfig,
+                  ctx: DeviceContext) -> object:
+    """Run a device plugin's factory (in the main process, before any fork)."""
     try:
-        model = load_factory(record.spec)(dict(device.options), ctx)
+        return load_factory(record.spec)(dict(device.options), ctx)
     except VmmError:
         raise
     except Exception as e:  # a plugin bug or an OSError opening its files: one line
         raise VmmError(f"device {ctx.name}: {type(e).__name__}: {e}") from e
-    if isinstance(model, VirtioDevice):
-        inst.stack.callback(model.shutdown)
-        return VirtioPciDevice(model, inst.mem, label=ctx.name)
-    if isinstance(model, PciDevice):
+
+
+def _jail(inst: VmInstance, record: PluginRecord, device: DeviceConfig) -> JailConfig:
+    """The device process's jail: its plugin's policy (plus those of the plugins whose
+    code runs in it, e.g. disk formats), the binds and preloads the plugin declares."""
+    spec = record.spec
+    if record.policy_path is None:
+        raise ConfigError(f"device {record.name} ships no seccomp policy; "
+                          "run it with --disable-sandbox")
+    registry = get_registry()
+    policies = [record.policy_path]
+    for kind in spec.policy_with:
+        for name in registry.names(kind):
+            other = registry.get(kind, name)
+            if other is not None and not other.broken and other.policy_path is not None:
+                policies.append(other.policy_path)
+    binds = spec.sandbox_binds(dict(device.options)) if spec.sandbox_binds else []
+    return JailConfig(
+        seccomp=compile_policy(policies, log_failures=inst.config.seccomp_log_failures),
+        binds=[(str(p), str(p), True) for p in binds],
+        preload=tuple(spec.sandbox_preload))
+
+
+def _create_device(inst: VmInstance, device: DeviceConfig, index: int) -> PciDevice:
+    """A --device plugin as a PCI device: in a jailed process of its own (a
+    ProxyDevice), or in this process with --disable-sandbox."""
+    record = get_registry().get("device", device.name)
+    if record is None or record.spec is None:
+        raise ConfigError(f"device {device.name} is not installed")
+    name = f"{record.name}{index}"
+    sandboxed = not inst.config.disable_sandbox
+    # A device process cannot use this process's KVM fds: its VmMemoryRequests cross a
+    # socket to the server here, which maps the memory.
+    vm_memory = inst.vm_memory_server.channel() if sandboxed else inst.vm_memory
+    ctx = DeviceContext(name=name, index=index, mem_size=inst.config.mem_mib * MiB,
+                        vm_memory=vm_memory)
+    model = _device_model(inst, record, device, ctx)
+    if not isinstance(model, VirtioDevice | PciDevice):
+        raise VmmError(f"device {name}: the plugin's factory returned "
+                       f"{type(model).__name__}, not a VirtioDevice or PciDevice")
+
+    def build(mem: GuestMemory) -> PciDevice:
+        if isinstance(model, VirtioDevice):
+            return VirtioPciDevice(model, mem, label=name)
         return model
-    raise VmmError(f"device {ctx.name}: the plugin's factory returned {type(model).__name__}, "
-                   "not a VirtioDevice or PciDevice")
+
+    if not sandboxed:
+        if isinstance(model, VirtioDevice):
+            inst.stack.callback(model.shutdown)
+        return build(inst.mem)
+    keep = [*model.keep_fds(), vm_memory.fileno()]
+    proxy = ProxyDevice(build, inst.mem, label=name, jail=_jail(inst, record, device),
+                        keep_fds=keep)
+    vm_memory.sock.close()          # the device process has its own copy now
+    return inst.supervisor.add(proxy)
 
 
 def _add_plugin_devices(inst: VmInstance) -> None:
@@ -258,6 +312,9 @@ def _add_plugin_devices(inst: VmInstance) -> None:
         created.append((device, pci_device))
         inst.plugin_devices.append((device, pci_device))
     call_hook("vmm_devices_created", vm=inst, devices=created)
+    # Threads only now: every device process has been forked.
+    inst.supervisor.start()
+    inst.vm_memory_server.start()
 
 
 def build_vm(config: VmConfig, kvm: Kvm | None = None) -> VmInstance:

@@ -432,25 +432,41 @@ class ConnectingVmMemoryClient:
 
 
 class VmMemoryServer:
-    """Main process: serves VmMemoryRequests from device processes on a listening
-    SOCK_SEQPACKET socket at `path` (mode 0600), one thread for all connections.
+    """Main process: serves VmMemoryRequests from device processes, one thread for all.
 
+    Device processes reach it through socketpairs made before their fork
+    (channel(), the VM builder's way) and/or, given a path, a listening SOCK_SEQPACKET
+    socket there (mode 0600) for a jailed process that connects by path.
     start() makes a thread: call it only after every device process has been forked.
     """
 
-    def __init__(self, controller: VmMemoryController, path: str | os.PathLike[str]) -> None:
+    def __init__(self, controller: VmMemoryController,
+                 path: str | os.PathLike[str] | None = None) -> None:
         self.controller = controller
-        self.path = os.fspath(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            self.listener.bind(self.path)
-        finally:
-            os.umask(old)
-        self.listener.listen(16)
+        self.path = os.fspath(path) if path is not None else None
+        self.listener: socket.socket | None = None
+        if self.path is not None:
+            self.listener = socket.socket(socket.AF_UNIX,
+                                          socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            old = os.umask(0o177)
+            try:
+                self.listener.bind(self.path)
+            finally:
+                os.umask(old)
+            self.listener.listen(16)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
         self._conns: dict[int, socket.socket] = {}
+
+    def channel(self) -> SocketVmMemoryClient:
+        """A client for one device process (keep its fileno() across the fork); the
+        server keeps the other end. Call before start()."""
+        if self._thread is not None:
+            raise VmMemoryError("VmMemoryServer.channel() after start()")
+        ours, theirs = socket.socketpair(socket.AF_UNIX,
+                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self._conns[ours.fileno()] = ours
+        return SocketVmMemoryClient(theirs)
 
     def start(self) -> None:
         if self._thread is None:
@@ -462,13 +478,18 @@ class VmMemoryServer:
 
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        poller.register(self.listener.fileno(), select.POLLIN)
+        listen_fd = -1
+        if self.listener is not None:
+            listen_fd = self.listener.fileno()
+            poller.register(listen_fd, select.POLLIN)
+        for fd in self._conns:
+            poller.register(fd, select.POLLIN)
         while True:
             for fd, _events in poller.poll():
                 if fd == self._wake_r:
                     return
-                if fd == self.listener.fileno():
-                    conn, _ = self.listener.accept()
+                if fd == listen_fd:
+                    conn, _ = self.listener.accept()  # type: ignore[union-attr]
                     self._conns[conn.fileno()] = conn
                     poller.register(conn.fileno(), select.POLLIN)
                     continue
@@ -493,12 +514,13 @@ class VmMemoryServer:
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
-        self.listener.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        if self.listener is not None:
+            self.listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # type: ignore[arg-type]
 
 
 __all__ = [

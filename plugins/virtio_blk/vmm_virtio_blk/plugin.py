@@ -33,7 +33,7 @@ def _validate(options: dict[str, Any]) -> None:
 PLUGIN = PluginSpec(
     name="virtio_blk",
     kind="device",
-    api_version="1.0",
+    api_version="1.1",
     summary="virtio block device backed by a disk image (raw, qcow2, ... plugins)",
     options=(
         Path("path", required=True, must_exist=True, help="The disk image file."),
@@ -56,5 +56,6 @@ PLUGIN = PluginSpec(
     positional="path",
     policy="virtio_blk.policy",
     factory="vmm_virtio_blk.device:create",   # create(options, ctx) -> VirtioBlock
+    policy_with=("disk_format",),             # the image's format code runs in its process
     validate=_validate,
 )

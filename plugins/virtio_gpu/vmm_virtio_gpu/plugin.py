@@ -24,7 +24,7 @@ def _validate(options: dict[str, Any]) -> None:
 PLUGIN = PluginSpec(
     name="virtio_gpu",
     kind="device",
-    api_version="1.0",
+    api_version="1.1",
     summary="virtio GPU: 2D scanout (virgl 3D where libvirglrenderer works)",
     options=(
         Int("width", default=1280, min=1, max=16384, help="Display width in pixels."),
@@ -54,5 +54,6 @@ PLUGIN = PluginSpec(
     ),
     policy="virtio_gpu.policy",
     factory="vmm_virtio_gpu.device:create",
+    policy_with=("display",),                 # the display backend runs in its process
     validate=_validate,
 )

@@ -39,6 +39,12 @@ def _validate(options: dict[str, Any]) -> None:
             raise ValueError(f"named_socks: {name}={path} does not exist")
 
 
+def _sockets(options: dict[str, Any]) -> list[str]:
+    """The compositor sockets, which the device connects to from inside its jail."""
+    return sorted({str(options["wayland_sock"]),
+                   *parse_named_socks(options.get("named_socks") or "").values()})
+
+
 PLUGIN = PluginSpec(
     name="virtio_wl",
     kind="device",
@@ -65,5 +71,6 @@ PLUGIN = PluginSpec(
     positional="wayland_sock",
     policy="virtio_wl.policy",
     factory="vmm_virtio_wl.device:create",
+    sandbox_binds=_sockets,                   # connected after the jail closes
     validate=_validate,
 )
