@@ -57,8 +57,10 @@ def test_balloon_commands_in_a_running_vm(short_dir):
     serial = short_dir / "serial.txt"
     devices = collect_devices(DeviceArgs([("--device", "virtio_balloon"),
                                           ("--device", "virtio_balloon:stats=false")]))
+    # In-process devices: the test reads the balloon model's config space directly.
     config = VmConfig(kernel=hello(), mem_mib=64, params=["spin=1"],
-                      serial=[f"type=file,path={serial}"], devices=devices)
+                      serial=[f"type=file,path={serial}"], devices=devices,
+                      disable_sandbox=True)
     path = short_dir / "vm.sock"
     server = ControlServer(path)
     inst = build_vm(config)

@@ -74,9 +74,11 @@ def test_guest_draws_into_a_shm_buffer_weston_accepts(kvm_ok, weston, tmp_path, 
     options = {o.name: o.default_value() for o in spec.options}
     options["wayland_sock"] = weston.socket
     out = tmp_path / "serial.txt"
+    # In process (--disable-sandbox): the test reads the model's memfd afterwards. The
+    # sandboxed default is test_vmm_run_gives_the_device_the_core_vm_memory_channel.
     config = VmConfig(kernel=build_guest(tmp_path / "virtio_wl.elf"), mem_mib=64,
                       serial=[f"type=file,path={out}"],
-                      devices=[DeviceConfig("virtio_wl", options)])
+                      devices=[DeviceConfig("virtio_wl", options)], disable_sandbox=True)
     config.validate()
     inst = vm_builder.build_vm(config)
     watchdog = threading.Timer(RUN_TIMEOUT, inst.stop, args=("test watchdog",))
@@ -106,8 +108,9 @@ def test_guest_draws_into_a_shm_buffer_weston_accepts(kvm_ok, weston, tmp_path, 
 
 
 def test_vmm_run_gives_the_device_the_core_vm_memory_channel(kvm_ok, weston, tmp_path):
-    """`vmm run GUEST --device virtio_wl:...`: the core's VmMemoryController reaches the
-    device through DeviceContext.vm_memory; the guest completes."""
+    """`vmm run GUEST --device virtio_wl:...` (sandboxed, the default): the device process
+    maps its VFD_NEW memfds through VmMemoryRequests to the main process; the guest
+    completes."""
     import sys
 
     out = tmp_path / "serial.txt"
@@ -185,9 +188,11 @@ def test_sandboxed_device_under_its_policy(kvm_ok, tmp_path, monkeypatch):
     options = {o.name: o.default_value() for o in record.spec.options}
     options["wayland_sock"] = weston.socket
     out = tmp_path / "serial.txt"
+    # In process (--disable-sandbox): the test reads the model's memfd afterwards. The
+    # sandboxed default is test_vmm_run_gives_the_device_the_core_vm_memory_channel.
     config = VmConfig(kernel=build_guest(tmp_path / "virtio_wl.elf"), mem_mib=64,
                       serial=[f"type=file,path={out}"],
-                      devices=[DeviceConfig("virtio_wl", options)])
+                      devices=[DeviceConfig("virtio_wl", options)], disable_sandbox=True)
     config.validate()
     try:
         inst = vm_builder.build_vm(config)
