@@ -1,6 +1,6 @@
 """Benchmark: a bus access round trip through ProxyDevice against the same access in-process.
 
-    python -m vmmcore.sandbox.bench [N]
+    python -m benchmarks.proxy [N]
 
 Prints the time per access for a BAR read (request and reply), a posted BAR write
 (one-way), a synchronous write (an MSI-X table write, which waits for its reply) and a
