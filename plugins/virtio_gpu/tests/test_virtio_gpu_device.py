@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -566,3 +567,87 @@ def test_gpu_spelling_builds_an_implemented_device():
     [g] = collect_devices(DeviceArgs([("--gpu", "width=800,height=600,num_scanouts=2")]),
                           registry=Registry())
     assert g.options["num_scanouts"] == 2 and g.options["screenshot"] is None
+
+
+# --------------------------------------------------------------------------- control socket
+
+
+def test_control_screenshot_key_pointer_status(gpu, display):
+    from vmmcore.display import InputChannel
+
+    dev = gpu.h.device
+    with pytest.raises(ValueError, match="not enabled"):
+        dev.control("screenshot", {})
+    rgb = pattern(20, 10)
+    draw(gpu, 1, p.FORMAT_B8G8R8X8_UNORM, rgb)
+    answer = dev.control("screenshot", {"scanout": 0})
+    assert (answer["width"], answer["height"]) == (20, 10)
+    assert np.array_equal(png_pixels(answer["png"]), rgb)
+    with pytest.raises(ValueError, match="scanout 5 does not exist"):
+        dev.control("screenshot", {"scanout": 5})
+    with pytest.raises(ValueError, match="no keyboard"):
+        dev.control("key", {"code": 30})
+    kbd, tab = InputChannel("k"), InputChannel("t")
+    display.attach_input("keyboard", kbd)
+    display.attach_input("tablet", tab)
+    dev.control("key", {"code": 30, "down": True})
+    assert kbd.receive() == [(1, 30, 1), (0, 0, 0)]
+    dev.control("pointer", {"x": 19, "y": 0, "buttons": {"left": True}})
+    assert tab.receive()[2] == (1, 0x110, 1)
+    with pytest.raises(ValueError):
+        dev.control("pointer", {"x": 1, "y": 1, "buttons": {"thumb": True}})
+    status = dev.control("status", {})
+    assert status["scanouts"][0]["resource"] == 1 and status["resources"] == 1
+
+
+def test_sandboxed_under_its_policies_draws_and_writes_screenshots(tmp_path):
+    """As vm_builder does it: the factory in this process, the device in a jailed,
+    seccomp'd process under the GPU's and the displays' policies."""
+    import vmm_display_headless
+    import vmm_virtio_gpu
+
+    try:
+        from vmmcore.sandbox.testing import PciVirtioRig
+    except ImportError:
+        pytest.skip("this core has no sandbox")
+    from vmmcore.virtio.pci_transport import VirtioPciDevice
+
+    shot = tmp_path / "s.png"
+    model = create({"width": 16, "height": 16, "display": "headless", "screenshot": shot},
+                   DeviceContext("virtio_gpu0", 0, 16 * MiB))
+    policies = [str(Path(vmm_virtio_gpu.__file__).parent / "virtio_gpu.policy"),
+                str(Path(vmm_display_headless.__file__).parent / "headless.policy")]
+    try:
+        rig = PciVirtioRig(lambda mem: VirtioPciDevice(model, mem, label="virtio_gpu0"),
+                           sandboxed=True, policies=policies, keep_fds=model.keep_fds(),
+                           mem_size=16 * MiB)
+    except (OSError, PermissionError) as e:
+        pytest.skip(f"no sandbox here: {e}")
+    with rig:
+        rgb = pattern(16, 16)
+        raw = encode(rgb, p.FORMAT_B8G8R8X8_UNORM)
+        backing = 8 * MiB
+        rig.mem.write(backing, raw)
+
+        def cmd(*out):
+            u = rig.request(0, out=list(out), in_sizes=[HDR.size])
+            return HDR.unpack_from(u.data)[0]
+
+        assert cmd(hdr(p.CMD_RESOURCE_CREATE_2D), p.RESOURCE_CREATE_2D.pack(1, BX, 16, 16)) \
+            == p.RESP_OK_NODATA
+        assert cmd(hdr(p.CMD_RESOURCE_ATTACH_BACKING), p.ATTACH_BACKING.pack(1, 1),
+                   p.MEM_ENTRY.pack(backing, len(raw))) == p.RESP_OK_NODATA
+        assert cmd(hdr(p.CMD_TRANSFER_TO_HOST_2D),
+                   p.TRANSFER_TO_HOST_2D.pack(0, 0, 16, 16, 0, 1)) == p.RESP_OK_NODATA
+        assert cmd(hdr(p.CMD_SET_SCANOUT), p.SET_SCANOUT.pack(0, 0, 16, 16, 0, 1)) \
+            == p.RESP_OK_NODATA
+        assert cmd(hdr(p.CMD_RESOURCE_FLUSH), p.RESOURCE_FLUSH.pack(0, 0, 16, 16, 1)) \
+            == p.RESP_OK_NODATA
+        assert cmd(hdr(0xBEEF)) == p.RESP_ERR_UNSPEC
+        # the control socket's path into the device process
+        control = rig.device.control
+        assert control is not None
+        answer = control("screenshot", {})
+        assert np.array_equal(png_pixels(bytes(answer["png"])), rgb)
+        assert not rig.device.dead, rig.device.death_reason
+    assert np.array_equal(png_pixels(shot.read_bytes()), rgb)
