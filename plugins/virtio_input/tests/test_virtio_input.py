@@ -261,3 +261,38 @@ def test_keyboard_through_a_whole_gpu_factory():
             gpu.shutdown()
     finally:
         close_input_channels()
+
+
+def test_sandboxed_under_its_policy_events_cross_the_channel():
+    """As vm_builder does it: the factory here, the device in a jailed, seccomp'd
+    process; the display side (this process) sends through the channel."""
+    from pathlib import Path
+
+    import vmm_virtio_input
+
+    try:
+        from vmmcore.sandbox.testing import PciVirtioRig
+    except ImportError:
+        pytest.skip("this core has no sandbox")
+    from vmmcore.virtio.pci_transport import VirtioPciDevice
+
+    close_input_channels()
+    model = create({"kind": "keyboard", "source": "display:virtio_gpu0/keyboard",
+                    "queue_size": 16}, None)
+    policy = str(Path(vmm_virtio_input.__file__).parent / "virtio_input.policy")
+    try:
+        rig = PciVirtioRig(lambda mem: VirtioPciDevice(model, mem, label="virtio_input0"),
+                           sandboxed=True, policies=[policy], keep_fds=model.keep_fds())
+    except (OSError, PermissionError) as e:
+        pytest.skip(f"no sandbox here: {e}")
+    try:
+        with rig:
+            assert rig.read_device_config(0, 1) == b"\0"
+            input_channel("virtio_gpu0/keyboard").send([(EV_KEY, 30, 1), (EV_SYN, 0, 0)])
+            first = rig.request(0, in_sizes=[8])
+            second = rig.request(0, in_sizes=[8])
+            assert [EVENT.unpack(u.data[:8]) for u in (first, second)] == [
+                (EV_KEY, 30, 1), (EV_SYN, 0, 0)]
+            assert not rig.device.dead, rig.device.death_reason
+    finally:
+        close_input_channels()
