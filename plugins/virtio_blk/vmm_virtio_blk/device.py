@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from vmmcore.disk import DiskFile
+from vmmcore.errors import VmmError
 from vmmcore.eventfd import EventFd
 from vmmcore.memory import GuestMemory
 from vmmcore.virtio import (
@@ -216,6 +217,28 @@ class VirtioBlock(VirtioDevice):
             MAX_WRITE_ZEROES_SEG if self.can_write_zeroes else 0,
             1 if self.may_unmap else 0,
         )
+
+    #: Commands `vmm disk resize` sends through the control socket (docs/control.md).
+    control_commands = ("resize",)
+
+    def control(self, command: str, args: dict) -> dict:
+        """The control socket's `resize {"size": BYTES}`: grow (or shrink) the image,
+        then tell the driver through a config-change interrupt."""
+        if command != "resize":
+            raise NotImplementedError(command)
+        size = args.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise ValueError(f"resize needs a positive size in bytes, not {size!r}")
+        if size % SECTOR_SIZE:
+            raise ValueError(f"size {size} is not a multiple of {SECTOR_SIZE} bytes")
+        if self.disk.read_only:
+            raise ValueError(f"{self.disk.path} is read-only")
+        try:
+            self.disk.resize(size)
+        except VmmError as e:            # e.g. DiskUnsupported, naming the format
+            raise ValueError(str(e)) from None
+        self.set_capacity(size)
+        return {"size": size, "sectors": self.capacity}
 
     def set_capacity(self, size_bytes: int) -> None:
         """The disk was resized: update capacity and tell the driver."""
