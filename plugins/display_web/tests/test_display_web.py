@@ -290,3 +290,57 @@ def test_headless_chromium_shows_the_pattern_and_a_click_reaches_the_guest(brows
         for h in (hg, ht, hk):
             h.close()
         close_input_channels()
+
+
+def test_sandboxed_gpu_serves_the_viewer_from_its_device_process():
+    """vm_builder's way: factory here, device forked and jailed under the GPU's and the
+    web display's policies; the page's frames come from the device process."""
+    from pathlib import Path
+
+    import vmm_display_web
+    import vmm_virtio_gpu
+    from vmm_virtio_gpu import protocol as p
+    from vmm_virtio_gpu.device import create as create_gpu
+
+    try:
+        from vmmcore.sandbox.testing import PciVirtioRig
+    except ImportError:
+        pytest.skip("this core has no sandbox")
+    from vmmcore.virtio.pci_transport import VirtioPciDevice
+
+    model = create_gpu({"width": 16, "height": 8, "display": "web", "listen": "127.0.0.1:0"},
+                       None)
+    policies = [str(Path(vmm_virtio_gpu.__file__).parent / "virtio_gpu.policy"),
+                str(Path(vmm_display_web.__file__).parent / "web.policy")]
+    try:
+        rig = PciVirtioRig(lambda mem: VirtioPciDevice(model, mem, label="virtio_gpu0"),
+                           sandboxed=True, policies=policies, keep_fds=model.keep_fds())
+    except (OSError, PermissionError) as e:
+        pytest.skip(f"no sandbox here: {e}")
+    try:
+        with rig:
+            rgb = _pattern(16, 8)
+            raw = np.concatenate([rgb[..., ::-1], np.zeros((8, 16, 1), np.uint8)], -1)
+            rig.mem.write(4 << 20, raw.tobytes())
+
+            def cmd(t, *body):
+                u = rig.request(0, out=[p.CTRL_HDR.pack(t, 0, 0, 0, 0), *body], in_sizes=[24])
+                assert p.CTRL_HDR.unpack_from(u.data)[0] == p.RESP_OK_NODATA
+
+            cmd(p.CMD_RESOURCE_CREATE_2D, p.RESOURCE_CREATE_2D.pack(1, 2, 16, 8))
+            cmd(p.CMD_RESOURCE_ATTACH_BACKING, p.ATTACH_BACKING.pack(1, 1),
+                p.MEM_ENTRY.pack(4 << 20, raw.nbytes))
+            cmd(p.CMD_TRANSFER_TO_HOST_2D, p.TRANSFER_TO_HOST_2D.pack(0, 0, 16, 8, 0, 1))
+            cmd(p.CMD_SET_SCANOUT, p.SET_SCANOUT.pack(0, 0, 16, 8, 0, 1))
+            cmd(p.CMD_RESOURCE_FLUSH, p.RESOURCE_FLUSH.pack(0, 0, 16, 8, 1))
+            host, port = model.display.address
+            conn = ws.connect(f"ws://{host}:{port}/ws")
+            try:
+                msg = conn.receive()
+                shown = np.asarray(Image.open(io.BytesIO(msg[FRAME.size:])))
+                assert np.array_equal(shown, rgb)
+            finally:
+                conn.close()
+            assert not rig.device.dead, rig.device.death_reason
+    finally:
+        model.display.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import socket
 import struct
 import threading
@@ -104,14 +105,37 @@ class WebDisplay(Display):
         self.server.daemon_threads = True
         self.address = self.server.server_address[:2]
         self.url = f"http://{self.address[0]}:{self.address[1]}/"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True,
-                                        name=f"web-{self.options.name}")
-        self._thread.start()
+        self._serving_pid = 0
+        self._thread: threading.Thread | None = None
+        self._serve_lock = threading.Lock()
+        # Serve from the process that draws: a sandboxed GPU runs in a forked device
+        # process (threads do not survive fork), so the parent stops serving at fork and
+        # the device process starts when the guest first draws (ensure_serving).
+        os.register_at_fork(after_in_parent=self._stop_serving_here)
+        self.ensure_serving()
         log.warning("display %s: browser viewer at %s", self.options.name, self.url)
+
+    def ensure_serving(self) -> None:
+        """Serve the viewer from this process (idempotent)."""
+        with self._serve_lock:
+            if self._serving_pid == os.getpid() and self._thread is not None \
+                    and self._thread.is_alive():
+                return
+            self._serving_pid = os.getpid()
+            self._thread = threading.Thread(target=self.server.serve_forever, daemon=True,
+                                            name=f"web-{self.options.name}")
+            self._thread.start()
+
+    def _stop_serving_here(self) -> None:
+        if self._serving_pid == os.getpid() and self._thread is not None:
+            self.server.shutdown()
+            self._thread = None
+            self._serving_pid = 0
 
     # -- hooks called by the GPU --------------------------------------------------------
 
     def _bump(self) -> None:
+        self.ensure_serving()
         with self._changed:
             self.version += 1
             self._changed.notify_all()
@@ -198,7 +222,9 @@ class WebDisplay(Display):
         return [*super().keep_fds(), self.server.fileno()]
 
     def close(self) -> None:
-        self.server.shutdown()
+        if self._serving_pid == os.getpid() and self._thread is not None:
+            self.server.shutdown()
+        self._thread, self._serving_pid = None, 0
         self.server.server_close()
         for conn in list(self._clients):
             conn.close()

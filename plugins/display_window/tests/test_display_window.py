@@ -34,6 +34,8 @@ def test_registered():
 def window(monkeypatch):
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
     d = open_display("window", DisplayOptions(name="t", width=64, height=32))
+    assert d.window_size is None            # opened when the guest first draws ...
+    d.start()                               # ... or when asked
     yield d
     d.close()
 
@@ -85,5 +87,23 @@ def test_no_video_device_is_a_clear_start_up_error(monkeypatch):
     from vmmcore.display import DisplayError
 
     monkeypatch.setenv("SDL_VIDEODRIVER", "no-such-driver")
+    d = open_display("window", DisplayOptions(width=8, height=8))
     with pytest.raises(DisplayError, match="cannot open an SDL window"):
+        d.start()
+    d.set_scanout(0, 8, 8)                  # the GPU's calls log, never raise
+    d.close()
+    for var in ("SDL_VIDEODRIVER", "DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(DisplayError, match="no display server"):
         open_display("window", DisplayOptions(width=8, height=8))
+
+
+def test_the_window_opens_when_the_guest_first_draws(monkeypatch):
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    d = open_display("window", DisplayOptions(width=8, height=8))
+    try:
+        d.set_scanout(0, 8, 8)
+        d.flush(0)
+        assert _until(lambda: d.frames_shown > 0) and d.window_size == (8, 8)
+    finally:
+        d.close()

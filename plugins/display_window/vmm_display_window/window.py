@@ -59,8 +59,12 @@ class WindowDisplay(Display):
 
     backend = "window"
 
-    def __init__(self, options: DisplayOptions | None = None, start: bool = True) -> None:
+    def __init__(self, options: DisplayOptions | None = None, start: bool = False) -> None:
         super().__init__(options)
+        if not any(os.environ.get(v) for v in ("SDL_VIDEODRIVER", "DISPLAY",
+                                                 "WAYLAND_DISPLAY")):
+            raise DisplayError("display window: no display server (DISPLAY and "
+                               "WAYLAND_DISPLAY are unset); use display=headless or web")
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -68,27 +72,51 @@ class WindowDisplay(Display):
         self.shown: Any = None          # the last frame put on the window (tests)
         self.frames_shown = 0
         self.window_size: tuple[int, int] | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"window-{self.options.name}")
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._start_lock = threading.Lock()
         if start:
             self.start()
 
     def start(self, timeout: float = 10.0) -> None:
-        self._thread.start()
+        """Open the window (SDL thread) in this process; DisplayError if SDL cannot.
+
+        The GPU starts it when the guest first draws, so a sandboxed GPU opens it in its
+        own device process (threads do not survive the fork that creates it).
+        """
+        with self._start_lock:
+            if self._pid == os.getpid():
+                if self._error is not None:
+                    raise DisplayError(f"display window: {self._error}")
+                return
+            self._pid = os.getpid()
+            self._ready.clear()
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"window-{self.options.name}")
+            self._thread.start()
         if not self._ready.wait(timeout):
             raise DisplayError("display window: SDL did not start within "
                                f"{timeout:.0f} s")
         if self._error is not None:
             raise DisplayError(f"display window: {self._error}")
 
+    def _ensure_started(self) -> None:
+        if self._pid != os.getpid():
+            try:
+                self.start()
+            except DisplayError as e:
+                log.error("%s", e)
+
     # -- hooks called by the GPU's worker -------------------------------------------------
 
     def scanout_changed(self, index: int, width: int, height: int) -> None:
         if index == 0:
+            self._ensure_started()
             self._dirty.set()
 
     def present(self, index: int) -> None:
         if index == 0:
+            self._ensure_started()
             self._dirty.set()
 
     # -- the SDL thread --------------------------------------------------------------------
@@ -170,6 +198,6 @@ class WindowDisplay(Display):
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread.ident is not None:
+        if self._thread is not None and self._pid == os.getpid():
             self._thread.join(5.0)
         super().close()
