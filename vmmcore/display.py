@@ -188,8 +188,8 @@ class Display:
         self._last_shot = 0.0
         self._screenshot_dir_fd: int | None = None
         # Import what screenshots need now: a jailed device process cannot import later.
-        _numpy()
         with contextlib.suppress(ImportError):
+            import numpy  # noqa: F401
             import PIL.Image
             import PIL.PngImagePlugin  # noqa: F401
         if self.options.screenshot is not None:

@@ -166,6 +166,12 @@ def test_config_space(gpu):
     assert dev.read_config(0, 4) == struct.pack("<I", p.VIRTIO_GPU_EVENT_DISPLAY)
     dev.write_config(4, struct.pack("<I", p.VIRTIO_GPU_EVENT_DISPLAY))
     assert dev.read_config(0, 4) == bytes(4)
+    dev.display_changed()
+    dev.write_config(0, bytes(4))                   # events_read is read-only
+    dev.write_config(12, b"\xff" * 4)               # so is num_capsets
+    assert dev.read_config(0, 16) == p.CONFIG.pack(1, 0, 2, 0)
+    dev.write_config(4, b"\x01")                    # a 1-byte write to events_clear
+    assert dev.read_config(0, 4) == bytes(4)
     assert dev.features() == 1 << p.VIRTIO_GPU_F_EDID
 
 

@@ -142,9 +142,12 @@ class VirtioGpu(VirtioDevice):
 
     def write_config(self, offset: int, data: bytes) -> None:
         """events_clear (offset 4) is the only writable field: it clears events_read bits."""
-        if offset <= 4 and offset + len(data) >= 8:
-            value = int.from_bytes(data[4 - offset:8 - offset], "little")
-            self.events_read &= ~value
+        mask = bytearray(4)
+        for i, b in enumerate(data):
+            if 4 <= offset + i < 8:
+                mask[offset + i - 4] = b
+        if any(mask):
+            self.events_read &= ~int.from_bytes(mask, "little")
             self._update_config()
 
     def display_changed(self) -> None:
