@@ -195,6 +195,8 @@ def browser(tmp_path):
 def test_headless_chromium_shows_the_pattern_and_a_click_reaches_the_guest(browser):
     """virtio-gpu commands draw a pattern; Chromium shows it pixel for pixel; a click on
     the canvas and a key press arrive at virtio-input devices as evdev events."""
+    pytest.importorskip("vmm_virtio_gpu", reason="vmm-virtio-gpu is not installed")
+    pytest.importorskip("vmm_virtio_input", reason="vmm-virtio-input is not installed")
     from vmm_virtio_gpu import protocol as p
     from vmm_virtio_gpu.device import create as create_gpu
     from vmm_virtio_input.device import create as create_input
@@ -297,6 +299,7 @@ def test_sandboxed_gpu_serves_the_viewer_from_its_device_process():
     web display's policies; the page's frames come from the device process."""
     from pathlib import Path
 
+    pytest.importorskip("vmm_virtio_gpu", reason="vmm-virtio-gpu is not installed")
     import vmm_display_web
     import vmm_virtio_gpu
     from vmm_virtio_gpu import protocol as p
