@@ -670,3 +670,92 @@ def test_sandboxed_under_its_policies_draws_and_writes_screenshots(tmp_path):
         assert np.array_equal(png_pixels(bytes(answer["png"])), rgb)
         assert not rig.device.dead, rig.device.death_reason
     assert np.array_equal(png_pixels(shot.read_bytes()), rgb)
+
+
+def test_hostmem_is_refused_not_ignored():
+    from vmmcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="blob resources .* not implemented"):
+        create({"width": 8, "height": 8, "hostmem": 1 << 20}, None)
+
+
+# --------------------------------------------------------------------- random sequences
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ids = st.integers(0, 4)
+_small = st.sampled_from([0, 1, 3, 8, 16, 17, 0xFFFFFFFF])
+_commands = st.one_of(
+    st.tuples(st.just("create"), _ids, st.sampled_from(sorted(LAYOUT) + [0, 5]),
+              st.integers(0, 20), st.integers(0, 20)),
+    st.tuples(st.just("unref"), _ids),
+    st.tuples(st.just("attach"), _ids, st.integers(0, 3), st.integers(0, 3000)),
+    st.tuples(st.just("detach"), _ids),
+    st.tuples(st.just("transfer"), _ids, _small, _small, _small, _small,
+              st.sampled_from([0, 4, 64, 1 << 40])),
+    st.tuples(st.just("scanout"), st.integers(0, 2), _ids, _small, _small, _small, _small),
+    st.tuples(st.just("flush"), _ids, _small, _small, _small, _small),
+    st.tuples(st.just("cursor"), st.integers(0, 2), _ids, st.integers(-100, 100)),
+)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_commands, max_size=25))
+def test_random_command_sequences_keep_the_invariants(gpu, sequence):
+    """Any sequence of (often invalid) commands: an answer for each, no internal error,
+    no reset, and the resource accounting and scanouts stay consistent."""
+    dev = gpu.h.device
+    dev.reset()                     # a fresh device for each example, driven directly
+    dev.mem = gpu.h.mem
+    for c in sequence:
+        kind = c[0]
+        if kind == "create":
+            body = hdr(p.CMD_RESOURCE_CREATE_2D) + p.RESOURCE_CREATE_2D.pack(*c[1:])
+        elif kind == "unref":
+            body = hdr(p.CMD_RESOURCE_UNREF) + p.RESOURCE_ID_PAD.pack(c[1])
+        elif kind == "attach":
+            entries = [(0x200000 + 0x1000 * i, c[3]) for i in range(c[2])]
+            body = (hdr(p.CMD_RESOURCE_ATTACH_BACKING) + p.ATTACH_BACKING.pack(c[1], c[2])
+                    + b"".join(p.MEM_ENTRY.pack(a, n) for a, n in entries))
+        elif kind == "detach":
+            body = hdr(p.CMD_RESOURCE_DETACH_BACKING) + p.RESOURCE_ID_PAD.pack(c[1])
+        elif kind == "transfer":
+            body = hdr(p.CMD_TRANSFER_TO_HOST_2D) + p.TRANSFER_TO_HOST_2D.pack(
+                c[2], c[3], c[4], c[5], c[6], c[1])
+        elif kind == "scanout":
+            body = hdr(p.CMD_SET_SCANOUT) + p.SET_SCANOUT.pack(c[3], c[4], c[5], c[6], c[1],
+                                                              c[2])
+        elif kind == "flush":
+            body = hdr(p.CMD_RESOURCE_FLUSH) + p.RESOURCE_FLUSH.pack(c[2], c[3], c[4], c[5],
+                                                                    c[1])
+        else:
+            body = hdr(p.CMD_UPDATE_CURSOR) + p.UPDATE_CURSOR.pack(c[1], c[3], c[3], 0, c[2],
+                                                                  0, 0)
+        code = _run(dev, gpu.h.mem, body, cursor=kind == "cursor")
+        assert code in (p.RESP_OK_NODATA, *range(0x1200, 0x1206)), hex(code)
+    assert not any("internal error" in why for _, _, why in dev.errors), dev.errors
+    assert dev.resource_bytes == sum(r.nbytes for r in dev.resources.values())
+    for index, s in enumerate(dev.scanouts):
+        if s.resource_id:
+            res = dev.resources[s.resource_id]
+            x, y, w, h = s.rect
+            assert w and h and x + w <= res.width and y + h <= res.height
+            assert dev.display.snapshot(index).shape == (h, w, 3)
+        else:
+            assert dev.display.snapshot(index) is None
+
+
+def _run(dev, mem, request: bytes, cursor: bool = False) -> int:
+    """One command through process() with the request and response in guest memory."""
+    from vmmcore.virtio import Reader, Writer
+    from vmmcore.virtio.queue import DescriptorChain
+
+    req, resp = 0x300000, 0x380000
+    mem.write(req, request)
+    chain = DescriptorChain(0, [(req, len(request))], [(resp, 64)], len(request), 64, 2,
+                            False, False)
+    mem.write(resp, bytes(64))
+    dev.process(Reader(mem, chain), Writer(mem, chain), cursor=cursor)
+    return HDR.unpack_from(mem.read(resp, HDR.size))[0]

@@ -545,6 +545,11 @@ def create(options: Mapping[str, Any], ctx: Any) -> VirtioGpu:
         from vmm_virtio_gpu.virgl import check_virglrenderer
 
         check_virglrenderer()
+    if options.get("hostmem"):
+        from vmmcore.errors import ConfigError
+
+        raise ConfigError("virtio-gpu hostmem: blob resources (the host-visible memory "
+                          "region) are not implemented yet; leave hostmem=0")
     name = getattr(ctx, "name", "virtio_gpu0")
     display = open_display(options.get("display", "headless"), DisplayOptions(
         name=name, width=options["width"], height=options["height"],
