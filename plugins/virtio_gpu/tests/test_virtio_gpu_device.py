@@ -759,3 +759,22 @@ def _run(dev, mem, request: bytes, cursor: bool = False) -> int:
     mem.write(resp, bytes(64))
     dev.process(Reader(mem, chain), Writer(mem, chain), cursor=cursor)
     return HDR.unpack_from(mem.read(resp, HDR.size))[0]
+
+
+def test_the_control_socket_contract(gpu):
+    """vmmcore.control_socket.device_control against the device behind its transport."""
+    try:
+        from vmmcore.control_socket import ControlError, ControlledDevice, device_control
+    except ImportError:
+        pytest.skip("this core has no control socket")
+    from vmmcore.virtio.pci_transport import VirtioPciDevice
+
+    draw(gpu, 1, p.FORMAT_B8G8R8X8_UNORM, pattern(12, 6))
+    pci = VirtioPciDevice(gpu.h.device, gpu.h.mem, label="virtio_gpu0")
+    dev = ControlledDevice("virtio_gpu0", "virtio_gpu", 0, "00:01.0", pci)
+    answer = device_control(dev, "screenshot", {"path": "/tmp/x.png"})
+    assert answer["width"] == 12 and png_pixels(answer["png"]).shape == (6, 12, 3)
+    with pytest.raises(ControlError, match="does not support 'resize'"):
+        device_control(dev, "resize", {})
+    with pytest.raises(ControlError, match="no keyboard"):
+        device_control(dev, "key", {"code": 30})
