@@ -61,6 +61,7 @@ if __package__ in (None, ""):  # run as a script: make `vmmcore` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vmmcore.errors import VmmError  # noqa: E402
+from vmmcore.virtio.queue import vring_need_event  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 4096                      # tag granularity of the image
@@ -121,7 +122,8 @@ def target_for(wl: Workload, depth: int) -> float | None:
 class Result:
     ops: int
     seconds: float
-    cpu: float                    # CPU seconds spent on it (see module docstring)
+    cpu: float                    # CPU seconds: raw = this process; device = its process
+    driver_cpu: float = 0.0       # device side: the Python driver's CPU seconds (this process)
 
     @property
     def rate(self) -> float:
@@ -130,6 +132,10 @@ class Result:
     @property
     def cpu_us_per_op(self) -> float:
         return self.cpu / self.ops * 1e6 if self.ops else 0.0
+
+    @property
+    def driver_us_per_op(self) -> float:
+        return self.driver_cpu / self.ops * 1e6 if self.ops else 0.0
 
 
 def median_result(results: list[Result]) -> Result:
@@ -203,13 +209,16 @@ class DeviceSide:
     """One virtio-blk device built as `vmm run` builds it, driven through its split ring."""
 
     def __init__(self, path: Path, direct: bool, max_depth: int, max_bs: int,
-                 in_process: bool, profile_out: Path | None = None) -> None:
+                 in_process: bool, profile_out: Path | None = None,
+                 extra_options: str = "") -> None:
         from vmmcore.device_options import DeviceArgs, collect_devices
         from vmmcore.plugin_api import DeviceContext, load_factory
         from vmmcore.registry import get_registry
         from vmmcore.virtio.testing import DeviceHarness
 
         spec = f"virtio_blk:path={path},format=raw" + (",direct=true" if direct else "")
+        if extra_options:
+            spec += "," + extra_options
         [config] = collect_devices(DeviceArgs([("--device", spec)]))
         record = get_registry().get("device", "virtio_blk")
         mem_size = DATA_BASE + ((max_depth * max_bs + MiB - 1) // MiB) * MiB
@@ -298,18 +307,40 @@ class DeviceSide:
         used_ring, size = d.used + 4, d.size
         read_tag = TAG.unpack_from
         view = mem.slice(0, mem.size)
+        # Ring indexes are read and written with native 16-bit accesses (a u16 view of
+        # guest memory), as a guest's driver does: the device runs in another process
+        # and GuestMemory.write_u16 (struct.pack_into, which VirtqueueDriver.publish and
+        # set_used_event use) clears the field before writing it.
+        u16 = view.cast("H")
+        avail_idx_i, avail_ring_i = (d.avail + 2) // 2, (d.avail + 4) // 2
+        used_event_i = (d.avail + 4 + 2 * size) // 2
+        used_idx_i, avail_event_i = (d.used + 2) // 2, (d.used + 4 + 8 * size) // 2
+        kick_evt = d.kick_evt
         where = [0] * wl.depth
         written: list[int] = []
-        vector_fd = self.vector.fileno()
         poller = select.poll()
-        poller.register(vector_fd, select.POLLIN)
+        poller.register(self.vector.fileno(), select.POLLIN)
+        added = 0
 
         def submit(slot: int) -> None:
+            nonlocal added
             off = offsets.next()
             where[slot] = off
             pack_hdr(view, hdr[slot], rtype, 0, off >> 9)
             view[status[slot]] = 0xFF
-            d.publish(3 * slot)
+            u16[avail_ring_i + d.avail_idx % size] = 3 * slot
+            d.avail_idx = (d.avail_idx + 1) & 0xFFFF
+            u16[avail_idx_i] = d.avail_idx              # publish (x86: stores in order)
+            added += 1
+
+        def kick() -> None:                            # virtqueue_kick_prepare + notify
+            nonlocal added
+            new = d.avail_idx
+            old = (new - added) & 0xFFFF
+            added = 0
+            if vring_need_event(u16[avail_event_i], new, old):
+                kick_evt.write(1)
+                d.kicks += 1
 
         ops = 0
         cpu0, dcpu0 = self_cpu(), self.cpu()
@@ -317,53 +348,58 @@ class DeviceSide:
         deadline = t0 + seconds
         for slot in range(wl.depth):
             submit(slot)
-        d.kick()
+        kick()
         inflight = wl.depth
         stopping = False
-        while inflight:
-            got = 0
-            used_idx = mem.read_u16(d.used + 2)
-            while d.last_used != used_idx:
-                head, _length = USED_ELEM.unpack_from(view, used_ring + 8 * (d.last_used % size))
-                d.last_used = (d.last_used + 1) & 0xFFFF
-                slot = head // 3
-                if view[status[slot]] != 0:
-                    sys.exit(f"benchmarks.blk: device request at {where[slot]} got status "
-                             f"{view[status[slot]]}")
-                if not wl.write:
-                    tag = read_tag(view, data[slot])[0]
-                    if tag != where[slot] // BLOCK:
-                        sys.exit(f"benchmarks.blk: device read at {where[slot]} returned "
-                                 f"block {tag}'s data")
-                elif len(written) < 64:
-                    written.append(where[slot])
-                ops += 1
-                got += 1
-                inflight -= 1
-                if not stopping:
-                    if time.perf_counter() >= deadline:
-                        stopping = True
-                    else:
-                        submit(slot)
-                        inflight += 1
-                if d.last_used == used_idx:
-                    used_idx = mem.read_u16(d.used + 2)
-            d.set_used_event(d.last_used)              # interrupt me at the next one
-            if got:
-                d.kick()
-                continue
-            if mem.read_u16(d.used + 2) != d.last_used:
-                continue                               # completed while enabling
-            if not poller.poll(WAIT_TIMEOUT * 1000):
-                sys.exit(f"benchmarks.blk: {inflight} device request(s) not completed in "
-                         f"{WAIT_TIMEOUT:g} s")
-            self.vector.read()
+        try:
+            while inflight:
+                got = 0
+                used_idx = u16[used_idx_i]
+                if (used_idx - d.last_used) & 0xFFFF > inflight:
+                    sys.exit(f"benchmarks.blk: used idx {used_idx} is more than {inflight} "
+                             f"ahead of {d.last_used}")
+                while d.last_used != used_idx:
+                    head, _length = USED_ELEM.unpack_from(view,
+                                                          used_ring + 8 * (d.last_used % size))
+                    d.last_used = (d.last_used + 1) & 0xFFFF
+                    slot = head // 3
+                    if view[status[slot]] != 0:
+                        sys.exit(f"benchmarks.blk: device request at {where[slot]} got "
+                                 f"status {view[status[slot]]}")
+                    if not wl.write:
+                        tag = read_tag(view, data[slot])[0]
+                        if tag != where[slot] // BLOCK:
+                            sys.exit(f"benchmarks.blk: device read at {where[slot]} returned "
+                                     f"block {tag}'s data")
+                    elif len(written) < 64:
+                        written.append(where[slot])
+                    ops += 1
+                    got += 1
+                    inflight -= 1
+                    if not stopping:
+                        if time.perf_counter() >= deadline:
+                            stopping = True
+                        else:
+                            submit(slot)
+                            inflight += 1
+                u16[used_event_i] = d.last_used        # interrupt me at the next one
+                if got:
+                    kick()
+                    continue
+                if u16[used_idx_i] != d.last_used:
+                    continue                           # completed while re-arming
+                if not poller.poll(WAIT_TIMEOUT * 1000):
+                    sys.exit(f"benchmarks.blk: {inflight} device request(s) not completed "
+                             f"in {WAIT_TIMEOUT:g} s")
+                self.vector.read()
+        finally:
+            u16.release()
+            view.release()
         elapsed = time.perf_counter() - t0
-        view.release()
-        cpu = self_cpu() - cpu0
-        if not self.in_process:
-            cpu += self.cpu() - dcpu0
-        return Result(ops, elapsed, cpu), written
+        driver_cpu = self_cpu() - cpu0
+        if self.in_process:         # one process: device and driver CPU cannot be told apart
+            return Result(ops, elapsed, driver_cpu, 0.0), written
+        return Result(ops, elapsed, self.cpu() - dcpu0, driver_cpu), written
 
     def close(self) -> None:
         if self.in_process:
@@ -395,7 +431,7 @@ def _profile_device(device) -> list[cProfile.Profile]:
                 return fn(*args)
             prof = getattr(local, "prof", None)
             if prof is None:
-                prof = local.prof = cProfile.Profile()
+                prof = local.prof = cProfile.Profile(time.thread_time_ns, 1e-9)
                 with lock:
                     profs.append(prof)
             local.depth = 1
@@ -540,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset")
     parser.add_argument("--dir", default=tempfile.gettempdir(),
                         help="where the image file goes (default: the temp directory)")
+    parser.add_argument("--device-options", default="", metavar="KEY=VALUE,...",
+                        help="more virtio_blk options for the device (e.g. io_threads=8)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the device in this process (it then shares the GIL with "
                              "the Python driver) instead of a forked device process")
@@ -582,9 +620,10 @@ def main(argv: list[str] | None = None) -> int:
             # every device process is forked before this process starts a thread
             for mode in modes[:1] if args.profile else modes:
                 devices[mode] = DeviceSide(path, mode == "direct", max_depth, max_bs,
-                                           args.in_process, profile_out)
+                                           args.in_process, profile_out,
+                                           args.device_options)
                 raws[mode] = RawSide(path, mode == "direct", max_depth, max_bs)
-        except (VmmError, OSError) as e:
+        except (VmmError, OSError, ValueError) as e:
             print(f"benchmarks.blk: {e}", file=sys.stderr)
             return 2
         dev0 = next(iter(devices.values()))
@@ -620,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((wl, mode, median_result(rres), median_result(dres)))
                 print(f"  measured {wl.label:<18} {mode}", file=sys.stderr)
         print()
-        print_table(rows, args.depth)
+        print_table(rows, args.depth, args.in_process)
     finally:
         for side in (*devices.values(), *raws.values()):
             side.close()
@@ -628,24 +667,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_table(rows, depth: int) -> None:
+def print_table(rows, depth: int, in_process: bool) -> None:
     header = (f"{'workload':<17} {'mode':<8} {'raw':>15} {'device':>15} {'ratio':>6}  "
-              f"{'CPU us/req raw':>14} {'device':>7}  {'target':<16} baseline (raw side)")
+              f"{'target':<15}  {'CPU us/req: raw':>15} {'device':>6} {'driver':>6}  "
+              "baseline (raw side)")
     print(header)
-    print("-" * len(header))
+    print("-" * (len(header) + 12))
     for wl, mode, raw, dev in rows:
         ratio = dev.rate / raw.rate
         target = target_for(wl, depth)
         verdict = "-" if target is None else (
             f">={target:.2f} {'met' if ratio >= target else 'NOT met'}")
+        driver = "-" if in_process else f"{dev.driver_us_per_op:.1f}"
         print(f"{wl.label:<17} {mode:<8} {fmt_rate(wl, raw):>15} {fmt_rate(wl, dev):>15} "
-              f"{ratio:>6.2f}  {raw.cpu_us_per_op:>14.1f} {dev.cpu_us_per_op:>7.1f}  "
-              f"{verdict:<16} {baseline_name(wl, mode)}")
+              f"{ratio:>6.2f}  {verdict:<15}  {raw.cpu_us_per_op:>15.1f} "
+              f"{dev.cpu_us_per_op:>6.1f} {driver:>6}  {baseline_name(wl, mode)}")
     print()
-    print("ratio = device / raw. Targets (issue 5): >= 0.50 of raw IOPS at QD32, >= 0.90 of raw "
-          "sequential MiB/s.\nCPU us/req: raw = this process; device = the device process plus "
-          "the Python driver (clock-tick\nresolution). buffered = page cache on both sides "
-          "(a read is a memcpy); direct = O_DIRECT on both sides.")
+    print("ratio = device / raw, medians. Targets (issue 5): >= 0.50 of the raw IOPS at QD32 "
+          "and >= 0.90 of the raw\nsequential MiB/s. buffered = page cache on both sides (a "
+          "read is a memcpy); direct = O_DIRECT on both.\nCPU us/req (clock-tick resolution): "
+          "raw = this process; device = the device process"
+          + (" and the driver (one process)" if in_process else
+             "; driver = the Python\ntier-1 driver in this process") + ".")
 
 
 def run_profile(devices, wl: Workload, size: int, args, profile_out: Path) -> int:
