@@ -3,7 +3,8 @@
     python3 -m benchmarks.blk [--size 256M] [--seconds 0.8] [--repeats 3] [--depth 32]
                               [--seq-depth 1] [--modes buffered,direct]
                               [--workloads randread-qd1,randread-qd32,seqread,seqwrite]
-                              [--dir DIR] [--in-process] [--profile WORKLOAD]
+                              [--dir DIR] [--device-options io_threads=8,...]
+                              [--in-process] [--profile WORKLOAD]
 
 Four workloads, each measured twice in the same run on the same image file:
 
@@ -17,7 +18,10 @@ Four workloads, each measured twice in the same run on the same image file:
   process; no jail or seccomp here), so the Python driver does not compete with it for a
   GIL; --in-process keeps it in this process. The driver keeps DEPTH requests in flight
   (closed loop), each in fixed descriptors and buffers, and copies no data: what is timed
-  is the device's work plus the ring round trip.
+  is the device's work plus the ring round trip. Ring indexes are accessed 16 bits at a
+  time, as a guest does (the tier-1 driver's own publish() uses GuestMemory.write_u16,
+  i.e. struct.pack_into, which zeroes the field before writing it: harmless under one
+  GIL, but a device in another process then sees avail idx 0 now and then).
 - raw: the same requests as os.preadv/os.pwritev on the same file into page-aligned
   buffers, at the same queue depth: one thread at depth 1, DEPTH Python threads (one
   request each in flight, closed loop) at depth DEPTH.
@@ -29,6 +33,9 @@ is in the loop). Each cell runs for --seconds, device and raw alternating, --rep
 times; medians are printed with the ratio device/raw, CPU time per request on each side
 (device = the device process + the driver; raw = this process), and whether the issue's
 target is met: at least half the raw IOPS at depth 32 and 90% of the raw sequential MiB/s.
+--profile runs one workload on the device alone with cProfile in every device thread
+(wall clock per thread: at depth 1 a request runs inline in the device's worker thread,
+so that is its CPU time; at depth > 1 waits for the GIL and the queue lock are included).
 
 Reads check a tag (the 4 KiB block's number, written into every block of the image) in
 every completed request; writes write a known pattern and the benchmark checks it in the
@@ -48,7 +55,6 @@ import pstats
 import random
 import select
 import shutil
-import statistics
 import struct
 import sys
 import tempfile
@@ -431,7 +437,7 @@ def _profile_device(device) -> list[cProfile.Profile]:
                 return fn(*args)
             prof = getattr(local, "prof", None)
             if prof is None:
-                prof = local.prof = cProfile.Profile(time.thread_time_ns, 1e-9)
+                prof = local.prof = cProfile.Profile()
                 with lock:
                     profs.append(prof)
             local.depth = 1
@@ -695,8 +701,9 @@ def run_profile(devices, wl: Workload, size: int, args, profile_out: Path) -> in
     mode, dev = next(iter(devices.items()))
     dev.run(wl, min(0.2, args.seconds), Offsets(wl, size, 1))
     res, _ = dev.run(wl, args.seconds * args.repeats, Offsets(wl, size, 2))
-    print(f"profiled: {wl.label}, {mode}: {fmt_rate(wl, res)} under cProfile "
-          f"(the profiler slows the device several times; read where, not how much)")
+    print(f"profiled: {wl.label}, {mode}: {fmt_rate(wl, res)} ({res.ops} requests) under "
+          f"cProfile, which slows the device several times: read where, not how much.\n"
+          f"Wall clock per device thread (at QD > 1 it includes waits for the GIL and locks).")
     dev.close()
     devices.clear()
     if not profile_out.exists():
