@@ -3,6 +3,7 @@ traceback of another kind, and never a write outside the image (or into its meta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -175,7 +176,7 @@ def data_is_refcount_table(p):
 def data_unaligned(p):
     _h, l1 = _hdr(p)
     l2 = l1[0] & 0x00FFFFFFFFFFFE00
-    e = struct.unpack(">Q", open(p, "rb").read()[l2:l2 + 8])[0]
+    e = struct.unpack(">Q", p.read_bytes()[l2:l2 + 8])[0]
     _patch(p, l2, struct.pack(">Q", e + 512))
     return "not cluster aligned"
 
@@ -184,7 +185,7 @@ def data_unaligned(p):
 def compressed_garbage(p):
     _h, l1 = _hdr(p)
     l2 = l1[0] & 0x00FFFFFFFFFFFE00
-    e = struct.unpack(">Q", open(p, "rb").read()[l2:l2 + 8])[0] & 0x00FFFFFFFFFFFE00
+    e = struct.unpack(">Q", p.read_bytes()[l2:l2 + 8])[0] & 0x00FFFFFFFFFFFE00
     _patch(p, l2, struct.pack(">Q", (1 << 62) | e | (3 << 54)))
     return "compressed cluster"
 
@@ -208,7 +209,7 @@ def refblock_past_eof(p):
 def refcount_zero_for_metadata(p):
     """Refcounts claim the L1 and L2 clusters are free: allocation must not reuse them."""
     h, _ = _hdr(p)
-    rb = struct.unpack(">Q", open(p, "rb").read()[h.refcount_table_offset:][:8])[0]
+    rb = struct.unpack(">Q", p.read_bytes()[h.refcount_table_offset:][:8])[0]
     _patch(p, rb, bytes(CS))
     return None
 
@@ -314,12 +315,10 @@ def test_metadata_never_overwritten_by_data(tmp_path):
     refcount_zero_for_metadata(p)
     with Qcow2File(p, False) as d:
         h = d.header
-        meta_before = open(p, "rb").read()[:h.l1_table_offset + 8]
-        try:
+        meta_before = p.read_bytes()[:h.l1_table_offset + 8]
+        with contextlib.suppress(DiskError):
             write(d, 3 << 20, b"\x03" * (CS * 3))
-        except DiskError:
-            pass
-    assert open(p, "rb").read()[:h.l1_table_offset + 8][:72] == meta_before[:72]
+    assert p.read_bytes()[:h.l1_table_offset + 8][:72] == meta_before[:72]
 
 
 def test_backing_loop(tmp_path):

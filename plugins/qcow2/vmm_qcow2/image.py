@@ -155,6 +155,7 @@ class Qcow2File(DiskFile):
                  ) -> None:
         super().__init__(Path(path), read_only)
         self._lock = threading.RLock()
+        self._end_lock = threading.Lock()
         self._io = _InFlight()
         self._fd = -1
         self.backing: DiskFile | None = None
@@ -222,8 +223,9 @@ class Qcow2File(DiskFile):
                 off += n
         except OSError as e:
             raise self._err(f"write at {off:#x}: {e.strerror}") from None
-        with self._lock:
-            self._file_end = max(self._file_end, off)
+        if off > self._file_end:
+            with self._end_lock:        # not the metadata lock: this runs in flight
+                self._file_end = max(self._file_end, off)
 
     def _preadv(self, off: int, views: list[memoryview]) -> None:
         """Read into views; bytes past the end of the file read as zeroes."""
