@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 MiB = 1 << 20
+ZERO_GRAIN = 64 << 10       # convert: zero runs of this size are skipped
 
 
 def _fail(message: str, status: int = 2) -> None:
@@ -260,13 +261,23 @@ def _copy(s: Any, size: int, d: Any, fd: int, progress: bool | None) -> None:
             n = min(chunk, size - off)
             mv = memoryview(buf)[:n]
             s.read_into(off, [mv])
-            if mv != zero[:n]:
-                if d is not None:
-                    d.write_from(off, [mv])
-                else:
-                    done = 0
-                    while done < n:
-                        done += os.pwrite(fd, mv[done:], off + done)
+            # write the non-zero 64 KiB runs only: zeroes stay holes / unallocated
+            pos = 0
+            while pos < n:
+                while pos < n and mv[pos:pos + ZERO_GRAIN] == zero[:min(ZERO_GRAIN, n - pos)]:
+                    pos += ZERO_GRAIN
+                start = pos
+                while pos < n and mv[pos:pos + ZERO_GRAIN] != zero[:min(ZERO_GRAIN, n - pos)]:
+                    pos += ZERO_GRAIN
+                end = min(pos, n)
+                if end > start:
+                    run = mv[start:end]
+                    if d is not None:
+                        d.write_from(off + start, [run])
+                    else:
+                        done = 0
+                        while done < len(run):
+                            done += os.pwrite(fd, run[done:], off + start + done)
             off += n
             bar.update(n)
     if d is not None:

@@ -162,3 +162,24 @@ def test_scatter_gather_buffers(tmp_path):
         obufs = [omv[i:i + 3000] for i in range(0, len(out), 3000)]
         d.read_into(1000, obufs)
         assert bytes(out) == data
+
+
+def test_barriers_mode(tmp_path):
+    """barriers=True (fdatasync between the ordered steps) gives the same results."""
+    p = tmp_path / "b.qcow2"
+    create_image(p, 4 << 20, cluster_size=4096, refcount_bits=64)
+    rnd = random.Random(3)
+    model = bytearray(4 << 20)
+    with Qcow2File(p, False, barriers=True) as d:
+        for i in range(60):
+            off = rnd.randrange(len(model) - 1)
+            n = min(len(model) - off, rnd.choice([100, 4096, 20000]))
+            if i % 4 == 3:
+                d.write_zeroes(off, n, may_unmap=True)
+                model[off:off + n] = bytes(n)
+            else:
+                data = pattern(n, i)
+                write(d, off, data)
+                model[off:off + n] = data
+        assert read_all(d) == bytes(model)
+        assert d.check().clean

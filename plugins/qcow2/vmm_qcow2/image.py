@@ -151,8 +151,8 @@ class Qcow2File(DiskFile):
     format_name = "qcow2"
 
     def __init__(self, path: Path, read_only: bool, opener: DiskOpener | None = None, *,
-                 l2_cache_bytes: int = 32 << 20, _opening: frozenset[str] = frozenset()
-                 ) -> None:
+                 l2_cache_bytes: int = 32 << 20, barriers: bool = False,
+                 _opening: frozenset[str] = frozenset()) -> None:
         super().__init__(Path(path), read_only)
         self._lock = threading.RLock()
         self._end_lock = threading.Lock()
@@ -160,6 +160,7 @@ class Qcow2File(DiskFile):
         self._fd = -1
         self.backing: DiskFile | None = None
         self._closed = False
+        self._barriers = barriers
         try:
             self._fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR)
                                | os.O_CLOEXEC)
@@ -396,6 +397,12 @@ class Qcow2File(DiskFile):
 
     # ------------------------------------------------------------------ metadata
 
+    def _barrier(self) -> None:
+        """With barriers=True, make the previous step durable before the next one (the
+        write order then survives power loss, not only a killed process)."""
+        if self._barriers:
+            self._sync()
+
     def _sync(self) -> None:
         try:
             os.fdatasync(self._fd)
@@ -467,6 +474,10 @@ class Qcow2File(DiskFile):
         c = max(self._next_free, 1)
         run = 0
         while True:
+            z = self._next_zero_refcount(c)
+            if z != c:
+                run = 0
+                c = z
             if self._is_free(c):
                 run += 1
                 if run == k:
@@ -474,6 +485,36 @@ class Qcow2File(DiskFile):
             else:
                 run = 0
             c += 1
+
+    def _next_zero_refcount(self, c: int) -> int:
+        """The first cluster >= c whose stored refcount is 0 (block-wise byte search)."""
+        per = self._rc_per_block
+        while True:
+            bi, idx = divmod(c, per)
+            if bi >= len(self._reftable):
+                return c
+            off = self._reftable[bi] & REFT_OFFSET_MASK
+            if not off:
+                return c
+            blk = self._rb_load(off)
+            bits = self._rc_bits
+            if bits < 8:
+                for i in range(idx, per):
+                    if not self._rb_get(blk, i):
+                        return bi * per + i
+            else:
+                w = bits >> 3
+                zero = bytes(w)
+                pos = idx * w
+                while True:
+                    j = blk.find(zero, pos)
+                    if j < 0:
+                        break
+                    if j % w:
+                        pos = j - j % w + w
+                        continue
+                    return bi * per + j // w
+            c = (bi + 1) * per
 
     def _update_refcounts(self, changes: list[tuple[int, int]]) -> None:
         """Apply (cluster, delta) changes; new refcount blocks are created as needed.
@@ -624,6 +665,7 @@ class Qcow2File(DiskFile):
         finally:
             self._reserved.remove((start, start + k))
         self._next_free = start + k
+        self._barrier()         # refcounts before anything refers to the clusters
         return start << self._cb
 
     def _entry_clusters(self, e: int) -> list[int]:
@@ -664,10 +706,12 @@ class Qcow2File(DiskFile):
             self._pwrite(new, struct.pack(f">{self._l2_entries}Q", *t))
         self._l2_cache[new] = t
         self._meta.add(new >> self._cb)
+        self._barrier()         # the table before the L1 entry that points at it
         self._set_l1(l1i, new | OFLAG_COPIED)
         if off:
             self._meta.discard(off >> self._cb)
             self._l2_cache.pop(off, None)
+            self._barrier()
             self._update_refcounts([(off >> self._cb, -1)])
         return new, t
 
@@ -919,12 +963,14 @@ class Qcow2File(DiskFile):
                 if run_end < last_end:
                     views.append(memoryview(self._read_locked(run_end, last_end - run_end)))
                 self._pwritev(host, views)
+                self._barrier()     # data before the L2 entries that map it
                 old = t[idx:idx + k]
                 for j in range(k):
                     t[idx + j] = (host + j * cs) | OFLAG_COPIED
                 self._write_l2_entries(l2off, t, idx, idx + k)
                 dec = [(c, -1) for e2 in old for c in self._entry_clusters(e2)]
                 if dec:
+                    self._barrier()     # the L2 entries before freeing what they pointed at
                     self._comp_cache = None
                     self._update_refcounts(dec)
                 pos = run_end
@@ -1011,6 +1057,7 @@ class Qcow2File(DiskFile):
                     t[i] = new
             self._write_l2_entries(l2off, t, a, b)
             if dec:
+                self._barrier()
                 self._comp_cache = None
                 self._update_refcounts(dec)
             c = chunk_last
@@ -1169,7 +1216,9 @@ class Qcow2Format(DiskFormat):
     name = "qcow2"
 
     def open(self, path: Path, *, read_only: bool, opener: DiskOpener) -> Qcow2File:
-        return Qcow2File(Path(path), read_only, opener, _opening=_CHAIN.current())
+        barriers = os.environ.get("VMM_QCOW2_BARRIERS", "") not in ("", "0")
+        return Qcow2File(Path(path), read_only, opener, barriers=barriers,
+                         _opening=_CHAIN.current())
 
     def create(self, path: Path, size: int | None = None, **options: object) -> None:
         from vmm_qcow2.create import create_image
