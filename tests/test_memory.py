@@ -108,3 +108,22 @@ def test_fill_and_read_into(mem):
 def test_an_impossible_size_is_a_clear_error_not_an_oserror():
     with pytest.raises(GuestMemoryError, match="cannot map"):
         GuestMemory([(0, 1 << 50)])
+
+
+def test_the_memfd_is_sealed_against_shrinking_by_a_device_process():
+    with GuestMemory([(0, 2 * mmap.PAGESIZE)]) as mem:
+        with pytest.raises(PermissionError):
+            os.ftruncate(mem.fd, 0)
+        mem.write_u8(mmap.PAGESIZE, 7)
+        assert mem.read_u8(mmap.PAGESIZE) == 7
+
+
+def test_close_with_a_live_view_still_closes_the_fd():
+    mem = GuestMemory([(0, mmap.PAGESIZE)])
+    view = mem.slice(0, 16)
+    fd = mem.fd
+    mem.close()
+    mem.close()                       # idempotent
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    view.release()

@@ -12,6 +12,7 @@ memory outside the mapping.
 from __future__ import annotations
 
 import bisect
+import fcntl
 import mmap
 import os
 import struct
@@ -54,8 +55,12 @@ class GuestMemory:
         owned = fd is None
         try:
             if fd is None:
-                fd = os.memfd_create("vmm-guest-ram", os.MFD_CLOEXEC)
+                fd = os.memfd_create("vmm-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
                 os.ftruncate(fd, self.size)
+                # Device processes get this fd: sealed, none of them can shrink it under
+                # us (an access past a shrunk end would be SIGBUS in the VMM).
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                            fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             elif os.fstat(fd).st_size < self.size:
                 raise GuestMemoryError(
                     f"guest memory fd holds {os.fstat(fd).st_size} bytes, need {self.size}"
@@ -195,10 +200,18 @@ class GuestMemory:
         return [self.slice(a, n) for a, n in ranges]
 
     def close(self) -> None:
-        """Unmap and close the memfd; views handed out must be released first."""
-        self._view.release()
-        self._mmap.close()
-        os.close(self.fd)
+        """Unmap and close the memfd. Idempotent; if views handed out are still alive the
+        mapping stays until they go (garbage collection unmaps it), the fd is closed."""
+        if self.fd < 0:
+            return
+        try:
+            self._view.release()
+            self._mmap.close()
+        except BufferError:
+            pass
+        finally:
+            os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self) -> GuestMemory:
         return self
