@@ -394,7 +394,9 @@ def serve_request(sock: socket.socket, controller: VmMemoryController) -> bool:
             resp = controller.request(decode_request(data, fds))
         except ValueError as e:
             resp = Err(str(e))
-        sock.send(encode_response(resp))
+        # Never block: one device that does not read its replies must not stall the
+        # server that every device shares (BlockingIOError drops that connection).
+        sock.send(encode_response(resp), socket.MSG_DONTWAIT)
     finally:
         for fd in fds:      # the mapping holds the file; our copy of the fd goes
             os.close(fd)
