@@ -108,6 +108,9 @@ def test_many_random_writes_qemu_compare(tmp_path):
 @pytest.mark.parametrize("ctype", ["zlib", "zstd"])
 @pytest.mark.parametrize("cluster_size", [4096, 65536])
 def test_read_compressed(tmp_path, ctype, cluster_size):
+    if ctype == "zstd":
+        pytest.importorskip("zstandard", reason="zstd clusters need the zstandard package "
+                            "(a dependency of vmm-qcow2; tox installs plugins --no-deps)")
     src = tmp_path / "src.raw"
     data = bytearray(4 * MiB)
     for i in range(0, len(data), 8192):         # compressible but not constant
