@@ -681,3 +681,38 @@ def test_protocol_rejects_garbage_from_a_child(mem, policy):
         assert p.read_bar(0, 8, 4) == b"\xff" * 4
     finally:
         p.destroy()
+
+
+class _Wedged(ConfiguredPciDevice):
+    """A device whose BAR writes never return (a deadlocked worker, stuck I/O)."""
+
+    def __init__(self) -> None:
+        cfg = PciConfiguration(vendor_id=1, device_id=2, class_code=0xFF, subclass=0)
+        cfg.add_bar(0, 0x1000, BarKind.MEM32)
+        super().__init__(cfg, "wedged")
+
+    def bar_write(self, bar, offset, data):
+        time.sleep(3600)
+
+
+def test_a_wedged_device_that_stops_reading_is_killed_not_waited_on_forever():
+    """One-way writes fill the socket of a device process that no longer reads; the
+    sender gives up after the request timeout, kills it, and later accesses read ~0."""
+    import threading
+
+    mem = GuestMemory([(0, 1 << 20)])
+    proxy = ProxyDevice(lambda m: _Wedged(), mem, label="wedged",
+                        jail=JailConfig(enabled=False), timeout=1.0)
+    try:
+        writer = threading.Thread(
+            target=lambda: [proxy.write_bar(0, 0, b"\0\0\0\0") for _ in range(200_000)],
+            daemon=True)
+        writer.start()
+        writer.join(30)
+        assert not writer.is_alive(), "a write blocked forever on the wedged device"
+        t0 = time.monotonic()
+        assert proxy.read_bar(0, 0, 4) == b"\xff" * 4
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        proxy.destroy(timeout=1.0)
+        mem.close()

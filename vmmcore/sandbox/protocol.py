@@ -61,11 +61,12 @@ def unpack_json(payload: bytes) -> object:
     return json.loads(payload.decode())
 
 
-def send(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+def send(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = (),
+         flags: int = 0) -> None:
     if fds:
-        socket.send_fds(sock, [data], list(fds))
+        socket.send_fds(sock, [data], list(fds), flags)
     else:
-        sock.send(data)
+        sock.send(data, flags)
 
 
 def recv(sock: socket.socket) -> tuple[bytes, list[int]]:

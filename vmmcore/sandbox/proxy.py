@@ -204,6 +204,22 @@ class ProxyDevice(PciDevice):
     def _deadline(self, startup: bool = False) -> float:
         return time.monotonic() + (max(self._timeout, 30.0) if startup else self._timeout)
 
+    def _send(self, message: bytes, fds: Sequence[int] = (), startup: bool = False) -> None:
+        """Send within the request timeout: a device process that is alive but no longer
+        reads (a deadlocked worker) fills its socket, and a blocking send would hold the
+        vCPU, and every other caller behind the lock, forever."""
+        deadline = self._deadline(startup)
+        while True:
+            try:
+                P.send(self.sock, message, fds, socket.MSG_DONTWAIT)
+                return
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RequestTimeout(f"device {self._label} stopped taking requests "
+                                         f"for {self._timeout:g} s") from None
+                select.select([], [self.sock], [], remaining)
+
     def _recv_packet(self, startup: bool = False,
                      deadline: float | None = None) -> tuple[bytes, list[int]]:
         if deadline is None:
@@ -239,7 +255,9 @@ class ProxyDevice(PciDevice):
                 raise DeviceDied(self._death_reason or f"device {self._label} is dead")
             try:
                 try:
-                    P.send(self.sock, message, fds)
+                    self._send(message, fds, startup)
+                except RequestTimeout:
+                    raise
                 except OSError as e:
                     raise DeviceDied(f"device {self._label}: {e}") from None
                 if not reply:
@@ -286,7 +304,9 @@ class ProxyDevice(PciDevice):
         except (P.ProtocolError, VmmError, ValueError, TypeError) as e:
             answer = {"error": str(e)[:200]}
         try:
-            P.send(self.sock, P.pack_json(P.RESULT, answer))
+            self._send(P.pack_json(P.RESULT, answer))
+        except RequestTimeout:
+            raise
         except OSError as e:
             raise DeviceDied(f"device {self._label}: {e}") from None
 
@@ -642,8 +662,14 @@ class ProxyDevice(PciDevice):
         """Ask the child to stop (device.destroy() there), wait, then kill if needed."""
         self._shutting_down = True
         if not self._dead:
-            with self._lock, contextlib.suppress(OSError):
-                P.send(self.sock, P.SHUTDOWN)
+            # Bounded: a caller wedged on this device must not keep the VMM from exiting
+            # (_reap kills the child when it does not go by itself).
+            if self._lock.acquire(timeout=timeout):
+                try:
+                    with contextlib.suppress(OSError):
+                        P.send(self.sock, P.SHUTDOWN, (), socket.MSG_DONTWAIT)
+                finally:
+                    self._lock.release()
             with self._death_lock:
                 self._dead = True
                 self._death_reason = f"device {self._label} shut down"
