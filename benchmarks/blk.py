@@ -635,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
         dev0 = next(iter(devices.values()))
         print(f"virtio-blk vs raw: {size // MiB} MiB image in {args.dir}, {args.seconds:g} s "
               f"per run, median of {args.repeats}; python {sys.version.split()[0]}, kernel "
-              f"{os.uname().release}, {os.cpu_count()} CPUs")
+              f"{os.uname().release}, {os.cpu_count()} CPUs, load average "
+              f"{os.getloadavg()[0]:.1f}")
         print(f"device: virtio_blk plugin factory, format=raw, io_threads="
               f"{dev0.options['io_threads']}, queue_size {dev0.options['queue_size']}, "
               f"{'in this process' if args.in_process else 'in a forked device process'}; "
