@@ -293,3 +293,54 @@ def test_refcount_table_growth(tmp_path):
     raw = tmp_path / "m.raw"
     raw.write_bytes(data + bytes(10 * MiB))
     assert qimg("compare", "-F", "raw", p, raw, check=False).returncode == 0
+
+
+def test_our_deep_chain_qemu_compares(tmp_path):
+    """A chain of 12 images made and written by us; qemu reads it through its chain."""
+    size = 2 * MiB
+    expect = bytearray(size)
+    prev = None
+    for level in range(12):
+        p = tmp_path / f"l{level}.qcow2"
+        create_image(p, size, cluster_size=4096,
+                     backing_file=prev.name if prev else None)
+        d = open_chain(p, read_only=False)
+        try:
+            off = level * 150_000 + 1234
+            data = pattern(70_000, level)
+            write(d, off, data)
+            expect[off:off + 70_000] = data
+            assert read_all(d) == bytes(expect)
+        finally:
+            d.close()
+        prev = p
+    qcheck(prev)
+    raw = tmp_path / "expect.raw"
+    raw.write_bytes(expect)
+    assert qimg("compare", "-F", "raw", prev, raw, check=False).returncode == 0
+
+
+def test_large_virtual_size(tmp_path):
+    p = tmp_path / "big.qcow2"
+    create_image(p, 1 << 40)
+    with Qcow2File(p, False) as d:
+        write(d, (1 << 40) - 4096, b"\x07" * 4096)
+        write(d, 3 << 30, b"\x08" * 512)
+    qcheck(p)
+    qio(p, f"read -P 7 {(1 << 40) - 4096} 4096", f"read -P 8 {3 << 30} 512",
+        "read -P 0 0 64k")
+    assert p.stat().st_size < 2 * MiB
+
+
+def test_snapshots_v2(tmp_path):
+    p = tmp_path / "s2.qcow2"
+    qimg("create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", p, "1M")
+    qio(p, "write -P 1 0 1M")
+    qimg("snapshot", "-c", "s", p)
+    with Qcow2File(p, False) as d:
+        write(d, 100, b"\x02" * 10_000)
+    qcheck(p)
+    qio(p, "read -P 1 0 100", "read -P 2 100 10000", "read -P 1 10100 1038476")
+    out = tmp_path / "s.raw"
+    qimg("convert", "-l", "snapshot.name=s", "-O", "raw", p, out)
+    assert out.read_bytes() == b"\x01" * MiB

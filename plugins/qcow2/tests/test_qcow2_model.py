@@ -29,7 +29,7 @@ def _opener(path, fmt=None, *, read_only=True):
     return Qcow2File(path, read_only, _opener)
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seq=ops, geo=geometries, with_backing=st.booleans())
 def test_random_sequences(tmp_path_factory, seq, geo, with_backing):
