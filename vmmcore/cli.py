@@ -98,8 +98,8 @@ def run(kernel: Path | None, initrd: Path | None, params: tuple[str, ...], cpus:
                       kvm_device=kvm_device, socket=socket_path,
                       plugin_options=plugin_options)
     try:
-        config.validate()
         config.devices = collect_devices(device_args)
+        config.validate()
         from vmmcore.vm_runner import run_vm
 
         status = run_vm(config)

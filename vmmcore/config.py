@@ -13,6 +13,7 @@ from typing import Any
 from vmmcore.errors import ConfigError
 
 MAX_VCPUS = 64
+MAX_DEVICES = 31            # PCI bus 0's device numbers 1-31 (0 is the host bridge)
 MIN_MEM_MIB = 16
 
 
@@ -52,6 +53,9 @@ class VmConfig:
                 raise ConfigError(f"{what} {path}: no such file")
         if self.initrd is not None and self.kernel is None:
             raise ConfigError("--initrd needs a kernel")
+        if len(self.devices) > MAX_DEVICES:
+            raise ConfigError(f"{len(self.devices)} devices: PCI bus 0 holds at most "
+                              f"{MAX_DEVICES}")
         from vmmcore.devices.serial_backends import validate_serial_specs
 
         validate_serial_specs(self.serial)

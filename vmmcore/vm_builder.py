@@ -292,11 +292,28 @@ def _create_device(inst: VmInstance, device: DeviceConfig, index: int) -> PciDev
         if isinstance(model, VirtioDevice):
             inst.stack.callback(model.shutdown)
         return build(inst.mem)
-    keep = [*model.keep_fds(), vm_memory.fileno()]
-    proxy = ProxyDevice(build, inst.mem, label=name, jail=_jail(inst, record, device),
-                        keep_fds=keep)
-    vm_memory.sock.close()          # the device process has its own copy now
+    try:
+        keep = [*model.keep_fds(), vm_memory.fileno()]
+        proxy = ProxyDevice(build, inst.mem, label=name, jail=_jail(inst, record, device),
+                            keep_fds=keep)
+    finally:
+        # The device process has its own copies now (or there is none): the model's
+        # files and the channel's end are not this process's to keep.
+        vm_memory.sock.close()
+        _release_model(model)
     return inst.supervisor.add(proxy)
+
+
+def _release_model(model: VirtioDevice | PciDevice) -> None:
+    """Close, in the main process, what a sandboxed device's model opened here."""
+    try:
+        if isinstance(model, VirtioDevice):
+            model.shutdown()
+        else:
+            model.destroy()
+    except Exception:  # only our copies are at stake; the device process is unaffected
+        log.warning("closing the main process's copy of a device model failed",
+                    exc_info=True)
 
 
 def _add_plugin_devices(inst: VmInstance) -> None:
@@ -308,7 +325,11 @@ def _add_plugin_devices(inst: VmInstance) -> None:
         counts[device.name] = index + 1
         assert inst.pci_root is not None
         pci_device = _create_device(inst, device, index)
-        inst.pci_root.add_device(pci_device)
+        try:
+            inst.pci_root.add_device(pci_device)
+        except BaseException:
+            pci_device.destroy()        # never placed: nobody else would end it
+            raise
         created.append((device, pci_device))
         inst.plugin_devices.append((device, pci_device))
     call_hook("vmm_devices_created", vm=inst, devices=created)

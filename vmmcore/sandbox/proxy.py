@@ -828,12 +828,14 @@ class SandboxSupervisor:
         if self._thread is not None:
             self._stop.write(1)
             self._thread.join(5.0)
+            if self._thread.is_alive():
+                return                      # keep the fd it may still poll
             self._thread = None
+        if self._stop.fd >= 0:
+            self._stop.close()
 
     def shutdown(self) -> None:
         """stop(), then destroy every device (tests, or devices not on a PciRoot)."""
         self.stop()
         for p in self.proxies:
             p.destroy()
-        if self._stop.fd >= 0:
-            self._stop.close()
