@@ -127,3 +127,34 @@ def test_close_with_a_live_view_still_closes_the_fd():
     with pytest.raises(OSError):
         os.fstat(fd)
     view.release()
+
+
+def test_aligned_integer_writes_are_never_seen_half_done_by_another_process():
+    """A device process polls a ring index while the other side updates it: an aligned
+    write_u16 must be one store (struct.pack_into alone writes byte by byte)."""
+    import time
+
+    with GuestMemory([(0, mmap.PAGESIZE)]) as mem:
+        mem.write_u16(64, 0x00FF)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                   # the reader
+            os.close(r)
+            torn = 0
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:
+                for _ in range(1000):
+                    if mem.read_u16(64) not in (0x00FF, 0x0100):
+                        torn += 1
+            os.write(w, str(torn).encode())
+            os._exit(0)
+        os.close(w)
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            for _ in range(1000):
+                mem.write_u16(64, 0x0100)
+                mem.write_u16(64, 0x00FF)
+        torn = int(os.read(r, 32))
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert torn == 0

@@ -16,12 +16,14 @@ import fcntl
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from vmmcore.errors import GuestMemoryError
 
-_U8 = struct.Struct("<B")
+assert sys.byteorder == "little", "vmm emulates x86-64 guests on an x86-64 host"
+
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -163,29 +165,49 @@ class GuestMemory:
         off = self._offset(addr, length)
         self._mmap[off:off + length] = bytes([byte]) * length
 
+    # Integer accessors. Naturally aligned ones are single native loads and stores
+    # (memoryview.cast): another process or thread sharing the memfd (a device process,
+    # the guest's vCPUs) never sees a half-written value. struct.pack_into writes byte by
+    # byte, so it is only the fallback for unaligned fields. Guest and host are x86-64,
+    # both little-endian, so native order is the guest's.
+
+    def _read_int(self, addr: int, size: int, code: str, fmt: struct.Struct) -> int:
+        off = self._offset(addr, size)
+        if off % size:
+            return fmt.unpack_from(self._mmap, off)[0]
+        return self._view[off:off + size].cast(code)[0]
+
+    def _write_int(self, addr: int, size: int, code: str, fmt: struct.Struct,
+                   value: int) -> None:
+        off = self._offset(addr, size)
+        if off % size:
+            fmt.pack_into(self._mmap, off, value)
+        else:
+            self._view[off:off + size].cast(code)[0] = value
+
     def read_u8(self, addr: int) -> int:
-        return _U8.unpack_from(self._mmap, self._offset(addr, 1))[0]
+        return self._view[self._offset(addr, 1)]
 
     def read_u16(self, addr: int) -> int:
-        return _U16.unpack_from(self._mmap, self._offset(addr, 2))[0]
+        return self._read_int(addr, 2, "H", _U16)
 
     def read_u32(self, addr: int) -> int:
-        return _U32.unpack_from(self._mmap, self._offset(addr, 4))[0]
+        return self._read_int(addr, 4, "I", _U32)
 
     def read_u64(self, addr: int) -> int:
-        return _U64.unpack_from(self._mmap, self._offset(addr, 8))[0]
+        return self._read_int(addr, 8, "Q", _U64)
 
     def write_u8(self, addr: int, value: int) -> None:
-        _U8.pack_into(self._mmap, self._offset(addr, 1), value)
+        self._view[self._offset(addr, 1)] = value
 
     def write_u16(self, addr: int, value: int) -> None:
-        _U16.pack_into(self._mmap, self._offset(addr, 2), value)
+        self._write_int(addr, 2, "H", _U16, value)
 
     def write_u32(self, addr: int, value: int) -> None:
-        _U32.pack_into(self._mmap, self._offset(addr, 4), value)
+        self._write_int(addr, 4, "I", _U32, value)
 
     def write_u64(self, addr: int, value: int) -> None:
-        _U64.pack_into(self._mmap, self._offset(addr, 8), value)
+        self._write_int(addr, 8, "Q", _U64, value)
 
     def unpack_from(self, fmt: struct.Struct, addr: int) -> tuple:
         """struct.unpack a guest structure in place (bounds-checked)."""
