@@ -13,11 +13,11 @@ with the stored refcounts, as `qemu-img check` does:
 
 from __future__ import annotations
 
-import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from vmm_qcow2.image import be_table  # noqa: E402
 from vmm_qcow2.layout import OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, REFT_OFFSET_MASK
 from vmmcore.disk import DiskError
 
@@ -81,7 +81,7 @@ def _references(img: Qcow2File) -> tuple[dict[int, int], list[str]]:
             continue
         if add(s.l1_table_offset, s.l1_size * 8, f"snapshot {s.id} L1 table"):
             raw = img._pread(s.l1_table_offset, s.l1_size * 8, "snapshot L1 table")
-            l1s.append((f"snapshot {s.id}", list(struct.unpack(f">{s.l1_size}Q", raw))))
+            l1s.append((f"snapshot {s.id}", be_table(raw)))
 
     for name, l1 in l1s:
         for i, e in enumerate(l1):
@@ -95,8 +95,8 @@ def _references(img: Qcow2File) -> tuple[dict[int, int], list[str]]:
             if not add(off, cs, what):
                 continue
             try:
-                table = img._l2_load(off) if name == "active" else list(struct.unpack(
-                    f">{cs // 8}Q", img._pread(off, cs, "L2 table")))
+                table = img._l2_load(off) if name == "active" else be_table(
+                    img._pread(off, cs, "L2 table"))
             except DiskError as exc:
                 errors.append(str(exc))
                 continue

@@ -30,8 +30,10 @@ import bisect
 import contextlib
 import os
 import struct
+import sys
 import threading
 import zlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +70,25 @@ from vmmcore.disk import (
 )
 
 IOV_MAX = 1024
+_SWAP = sys.byteorder == "little"
+
+
+def be_table(raw: bytes) -> array:
+    """A big-endian table of 64-bit entries as an array('Q') (8 bytes per entry)."""
+    t = array("Q")
+    t.frombytes(raw)
+    if _SWAP:
+        t.byteswap()
+    return t
+
+
+def to_be(t: array) -> bytes:
+    """An array('Q') as big-endian bytes."""
+    if not _SWAP:
+        return t.tobytes()
+    c = array("Q", t)
+    c.byteswap()
+    return c.tobytes()
 _ZEROS = bytes(1 << 21)
 
 # extent kinds of the read map
@@ -318,10 +339,10 @@ class Qcow2File(DiskFile):
         self._meta.update(self._fixed)
 
         raw = self._pread(h.l1_table_offset, h.l1_size * 8, "L1 table") if h.l1_size else b""
-        self._l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
+        self._l1 = be_table(raw)
         n = h.refcount_table_clusters * cs // 8
         raw = self._pread(h.refcount_table_offset, n * 8, "refcount table")
-        self._reftable = list(struct.unpack(f">{n}Q", raw))
+        self._reftable = be_table(raw)
         for i, e in enumerate(self._reftable):
             off = e & REFT_OFFSET_MASK
             if off:
@@ -416,7 +437,7 @@ class Qcow2File(DiskFile):
             return t
         self._check_table_ref(off, "L2 table")
         raw = self._pread(off, self._cs, "L2 table")
-        t = list(struct.unpack(f">{self._l2_entries}Q", raw))
+        t = be_table(raw)
         self._l2_cache[off] = t
         if len(self._l2_cache) > self._l2_cache_max:
             self._l2_cache.popitem(last=False)
@@ -611,7 +632,8 @@ class Qcow2File(DiskFile):
                 break
             start = busy[-1] + 1
         table_off = start * cs
-        new = old + [0] * (want - len(old))
+        new = array("Q", old)
+        new.frombytes(bytes((want - len(old)) * 8))
         blocks: dict[int, bytearray] = {}
         for j, bi in enumerate(new_blocks):
             blocks[bi] = bytearray(cs)
@@ -630,7 +652,7 @@ class Qcow2File(DiskFile):
             # 2. the new blocks and the new table, synced
             for bi, blk in blocks.items():
                 self._pwrite(new[bi], blk)
-            self._pwrite(table_off, struct.pack(f">{want}Q", *new)
+            self._pwrite(table_off, to_be(new)
                          + bytes(tc * cs - want * 8))
             self._sync()
             # 3. the header points at the new table
@@ -641,7 +663,8 @@ class Qcow2File(DiskFile):
         old_off, old_clusters = (self.header.refcount_table_offset,
                                  self.header.refcount_table_clusters)
         self.header.refcount_table_offset, self.header.refcount_table_clusters = table_off, tc
-        self._reftable = new + [0] * (tc * cs // 8 - want)
+        new.frombytes(bytes((tc * cs // 8 - want) * 8))
+        self._reftable = new
         for bi, blk in blocks.items():
             self._rb_cache[new[bi]] = blk
             self._meta.add(new[bi] >> self._cb)
@@ -693,7 +716,7 @@ class Qcow2File(DiskFile):
         if not off:
             new = self._alloc(1)
             self._pwrite(new, bytes(self._cs))
-            t = [0] * self._l2_entries
+            t = array("Q", bytes(self._cs))
         else:
             if e & OFLAG_COPIED or self.refcount(off >> self._cb) == 1:
                 if not e & OFLAG_COPIED:
@@ -701,9 +724,12 @@ class Qcow2File(DiskFile):
                 return off, self._l2_load(off)
             # shared with a snapshot: copy on write
             old = self._l2_load(off)
-            t = [x & ~OFLAG_COPIED for x in old]
+            t = array("Q", old)
+            for i, x in enumerate(t):
+                if x & OFLAG_COPIED:
+                    t[i] = x & ~OFLAG_COPIED
             new = self._alloc(1)
-            self._pwrite(new, struct.pack(f">{self._l2_entries}Q", *t))
+            self._pwrite(new, to_be(t))
         self._l2_cache[new] = t
         self._meta.add(new >> self._cb)
         self._barrier()         # the table before the L1 entry that points at it
@@ -716,7 +742,7 @@ class Qcow2File(DiskFile):
         return new, t
 
     def _write_l2_entries(self, l2off: int, t: list[int], a: int, b: int) -> None:
-        self._pwrite(l2off + a * 8, struct.pack(f">{b - a}Q", *t[a:b]))
+        self._pwrite(l2off + a * 8, to_be(t[a:b]))
 
     # ------------------------------------------------------------------ mapping
 
@@ -1108,8 +1134,9 @@ class Qcow2File(DiskFile):
                             f"{MAX_L1_BYTES >> 20} MiB (size too large for this cluster size)")
         clusters = -(-entries * 8 // cs)
         new_off = self._alloc(clusters)
-        table = self._l1 + [0] * (entries - len(self._l1))
-        self._pwrite(new_off, struct.pack(f">{entries}Q", *table)
+        table = array("Q", self._l1)
+        table.frombytes(bytes((entries - len(self._l1)) * 8))
+        self._pwrite(new_off, to_be(table)
                      + bytes(clusters * cs - entries * 8))
         self._sync()
         self._write_header_field(36, ">IQ", entries, new_off)
