@@ -24,7 +24,7 @@ def test_write_reports_guest_exit(data, value):
     assert isinstance(dev, BusDevice)
     dev.write(0, data)
     assert events.exit.event is VmEvent.GUEST_EXIT
-    assert events.exit.status == value
+    assert events.exit.status == min(value, 255)     # a process status is one byte
     assert events.exit.message == f"guest exit status {value}"
 
 

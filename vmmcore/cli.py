@@ -7,6 +7,7 @@ or the host failed); tracebacks are for bugs only.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -107,6 +108,8 @@ def run(kernel: Path | None, initrd: Path | None, params: tuple[str, ...], cpus:
         fail(str(e), 2)
     except VmmError as e:
         fail(str(e), 1)
+    except KeyboardInterrupt:       # Ctrl-C before the VM ran (once it runs, it stops it)
+        fail("interrupted", 128 + signal.SIGINT)
     sys.exit(status)
 
 

@@ -51,7 +51,10 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 ECAM = (layout.PCIE_ECAM_START, 0, 0, layout.PCIE_ECAM_SIZE // (1 << 20) - 1)
-JOIN_TIMEOUT = 5.0
+#: How long a vCPU may take to leave the guest once the VM has ended: longer than a
+#: sandboxed device's request timeout (10 s), which is the longest a vCPU can be inside
+#: a device access.
+JOIN_TIMEOUT = 15.0
 
 
 @dataclass
@@ -73,6 +76,7 @@ class VmInstance:
     vm_memory_server: VmMemoryServer | None = None
     supervisor: SandboxSupervisor | None = None
     loops: list[VcpuRunLoop] = field(default_factory=list)
+    stuck: bool = False
     #: The ACPI PM device (the control socket's powerbtn presses its button).
     acpi_pm: AcpiPmDevice | None = None
     #: The --device plugins as created: (DeviceConfig, PciDevice), command-line order.
@@ -91,7 +95,7 @@ class VmInstance:
     def run(self) -> VmExit:
         """Start every vCPU, wait until the VM ends, stop them all; returns how it ended."""
         self.events.add_listener(lambda _exit: self._kick_all())
-        with _stop_on_signals(self.events):
+        with _stop_on_signals() as caught:
             if self.serials is not None:
                 self.serials.start_input()
             for loop in self.loops:
@@ -100,10 +104,17 @@ class VmInstance:
                 call_hook("vmm_vm_started", vm=self)
             except VmmError as e:
                 self.events.report(VmEvent.ERROR, 1, str(e))
-            vm_exit = self.events.wait()
+            # Signals are only recorded by their handler (reporting takes locks a
+            # handler must not); this loop reports them.
+            while (vm_exit := self.events.wait(0.2)) is None:
+                if caught:
+                    signum = caught[0]
+                    self.events.report(VmEvent.STOPPED, 128 + signum,
+                                       f"stopped by {signal.Signals(signum).name}")
         for loop in self.loops:
             if not loop.join(JOIN_TIMEOUT):
                 log.error("vcpu%d did not stop within %.0f s", loop.vcpu.id, JOIN_TIMEOUT)
+                self.stuck = True
             elif vm_exit is not None and vm_exit.event == VmEvent.STOPPED:
                 log.info("vcpu%d stopped at rip %s", loop.vcpu.id, loop.rip())
         assert vm_exit is not None
@@ -136,22 +147,32 @@ class VmInstance:
             loop.kick()
 
     def close(self) -> None:
+        """Release everything. If a vCPU thread never stopped, closing its fds and the
+        memory under it would only turn a stuck thread into a crash: the process is
+        exiting anyway, so leave them to the kernel."""
+        if self.stuck:
+            log.error("a vCPU is stuck; leaving its resources to process exit")
+            return
         self.stack.close()
 
 
 @contextlib.contextmanager
-def _stop_on_signals(events: VmEventSink):
-    """SIGINT and SIGTERM stop the VM cleanly (status 128+signal) instead of killing us."""
+def _stop_on_signals():
+    """SIGINT and SIGTERM stop the VM cleanly (status 128+signal) instead of killing us.
+
+    Yields the list the handler appends signal numbers to; the caller reports them.
+    """
+    caught: list[int] = []
+
     def handler(signum: int, frame: object) -> None:
-        events.report(VmEvent.STOPPED, 128 + signum,
-                      f"stopped by {signal.Signals(signum).name}")
+        caught.append(signum)
 
     if threading.current_thread() is not threading.main_thread():
-        yield                   # only the main thread may set handlers (tests, embedders)
+        yield caught            # only the main thread may set handlers (tests, embedders)
         return
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield caught
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -36,4 +36,7 @@ class DebugExit(BusDevice):
         if offset != 0 or len(data) not in VALID_SIZES:
             return
         value = int.from_bytes(bytes(data), "little")
-        self.events.report(VmEvent.GUEST_EXIT, value, f"guest exit status {value}")
+        # A process exit status is one byte: a failure code above 255 must not wrap to
+        # success (256 -> 0), so anything larger becomes 255.
+        status = min(value, 255)
+        self.events.report(VmEvent.GUEST_EXIT, status, f"guest exit status {value}")
