@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -257,3 +258,21 @@ def test_a_kernel_that_is_not_one_is_bad_input(tmp_path):
     assert result.returncode == 2
     assert "neither a bzImage nor an ELF64 kernel" in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_sigterm_stops_a_running_vm_cleanly_with_143():
+    proc = subprocess.Popen([sys.executable, "-m", "vmmcore.cli", "run", str(guest("tests/hello")),
+                             "-p", "spin=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        line = ""
+        while "spinning" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+        assert "spinning" in line
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
