@@ -42,7 +42,6 @@ from vmm_qcow2.layout import (
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
     COMPRESSION_ZSTD,
-    HEADER_V2_LEN,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     MAX_HOST_OFFSET,
@@ -54,7 +53,6 @@ from vmm_qcow2.layout import (
     OFLAG_COPIED,
     OFLAG_ZERO,
     REFT_OFFSET_MASK,
-    Header,
     LayoutError,
     Snapshot,
     parse_header,
@@ -66,7 +64,6 @@ from vmmcore.disk import (
     DiskFile,
     DiskFormat,
     DiskOpener,
-    DiskUnsupported,
 )
 
 IOV_MAX = 1024
@@ -1233,10 +1230,6 @@ class _ChainState(threading.local):
 _CHAIN = _ChainState()
 
 
-def _header_len(h: Header) -> int:
-    return h.header_length if h.version >= 3 else HEADER_V2_LEN
-
-
 class Qcow2Format(DiskFormat):
     """The qcow2 DiskFormat (PluginSpec.factory)."""
 
@@ -1253,4 +1246,4 @@ class Qcow2Format(DiskFormat):
         create_image(Path(path), size, **options)
 
 
-__all__ = ["DiskUnsupported", "Qcow2File", "Qcow2Format"]
+__all__ = ["Qcow2File", "Qcow2Format", "be_table", "to_be"]
