@@ -435,3 +435,35 @@ def test_a_device_that_does_not_fit_takes_nothing():
     assert allocator.low_mmio.allocations() == [] and allocator.io.allocations() == []
     assert 1 not in allocator.pci_devices.in_use()
     assert root.add_device(Dev()) == PciAddress(0, 1)
+
+
+def test_a_device_that_raises_reads_as_absent_and_the_vcpu_path_survives(caplog):
+    """--disable-sandbox: a plugin bug on a BAR or config access must not stop the VM
+    (a sandboxed device's failure does not either); it is logged once."""
+    from vmmcore.pci.root import _BarWindow
+
+    class Broken(ConfiguredPciDevice):
+        def __init__(self):
+            cfg = PciConfiguration(vendor_id=1, device_id=2, class_code=0xFF, subclass=0)
+            cfg.add_bar(0, 0x1000, BarKind.MEM32)
+            super().__init__(cfg, "broken")
+
+        def read_bar(self, bar, offset, size):
+            raise KeyError("bug")
+
+        def write_bar(self, bar, offset, data):
+            raise KeyError("bug")
+
+        def config_register_read(self, reg_idx):
+            raise KeyError("bug")
+
+    io, mmio = Bus("io"), Bus("mmio")
+    root = PciRoot(io, mmio, layout.system_allocator(1 << 28))
+    root.install()
+    addr = root.add_device(Broken())
+    assert root.config_read(0, addr.device, 0, 0, 4) == 0xFFFFFFFF
+    slot = root._slots[addr.device]                      # noqa: SLF001
+    window = _BarWindow(slot, 0)
+    assert window.read(0, 4) == b"\xff" * 4
+    window.write(0, b"\0\0\0\0")
+    assert sum("failed" in r.message for r in caplog.records) == 1

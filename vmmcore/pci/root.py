@@ -87,15 +87,31 @@ class _BarWindow(BusDevice):
         return f"{self._slot.device.debug_label()} BAR{self._bar}"
 
     def read(self, offset: int, size: int) -> bytes:
-        with self._slot.lock:
-            data = self._slot.device.read_bar(self._bar, offset, size)
+        try:
+            with self._slot.lock:
+                data = self._slot.device.read_bar(self._bar, offset, size)
+        except Exception as e:     # an in-process device's bug: as a dead device reads
+            _device_error(self._slot, "BAR read", e)
+            return b"\xff" * size
         if len(data) != size:      # a device (or a proxy's child) got it wrong
             return (bytes(data) + b"\xff" * size)[:size]
         return data
 
     def write(self, offset: int, data: bytes) -> None:
-        with self._slot.lock:
-            self._slot.device.write_bar(self._bar, offset, bytes(data))
+        try:
+            with self._slot.lock:
+                self._slot.device.write_bar(self._bar, offset, bytes(data))
+        except Exception as e:
+            _device_error(self._slot, "BAR write", e)
+
+
+def _device_error(slot: _Slot, what: str, error: Exception) -> None:
+    """A device raised on the vCPU path: log it (once per device, the guest may repeat the
+    access forever) and carry on, as a sandboxed device's failure does."""
+    if not slot.failed:
+        slot.failed = True
+        log.error("pci %s: %s failed: %s: %s (logged once)", slot.device.debug_label(),
+                  what, type(error).__name__, error, exc_info=error)
 
 
 @dataclass(eq=False)
@@ -112,6 +128,7 @@ class _Slot:
     owned_fds: list[EventFd] = field(default_factory=list)
     gsis: list[int] = field(default_factory=list)
     allocated: list[BarRange] = field(default_factory=list)
+    failed: bool = False            # the device raised on the vCPU path (logged once)
 
 
 class PciRoot:
@@ -258,8 +275,12 @@ class PciRoot:
         slot = self._slot(bus, dev, fn)
         if slot is None:
             return _all_ones(size)
-        with slot.lock:
-            value = slot.device.config_register_read(offset // 4)
+        try:
+            with slot.lock:
+                value = slot.device.config_register_read(offset // 4)
+        except Exception as e:
+            _device_error(slot, "config read", e)
+            return _all_ones(size)
         return (value >> (8 * (offset % 4))) & _all_ones(size)
 
     def config_write(self, bus: int, dev: int, fn: int, offset: int, data: bytes) -> None:
@@ -271,8 +292,13 @@ class PciRoot:
             slot = self._slot(bus, dev, fn)
             if slot is None:
                 return
-            with slot.lock:
-                result = slot.device.config_register_write(offset // 4, offset % 4, bytes(data))
+            try:
+                with slot.lock:
+                    result = slot.device.config_register_write(offset // 4, offset % 4,
+                                                               bytes(data))
+            except Exception as e:
+                _device_error(slot, "config write", e)
+                return
             if result:
                 self._apply(slot, result)
 
