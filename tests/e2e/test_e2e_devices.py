@@ -29,7 +29,9 @@ def DEVICE_ARGS(tmp) -> dict[str, list[str]]:  # noqa: N802 (a table)
         "blk_raw": ["--rwdisk", f"{tmp}/rw.img", "--disk", f"{tmp}/ro.img"],
         "blk_qcow2": ["--rwdisk", f"{tmp}/disk.qcow2"],
         "rng": ["--device", "virtio_rng"],
+        # the headless display writes the scanout to screenshot= (the last frame stays)
         "gpu_input": ["--gpu", "width=800,height=600,display=headless,"
+                               f"screenshot={tmp}/screen.png,"
                                "window_keyboard=true,window_mouse=true"],
     }
 
@@ -151,13 +153,19 @@ def gpu_input(e2e_kernel, tmp_path_factory):
 
 
 def test_gpu_drm_device_and_fbcon(gpu_input, e2e_timing):
-    # TODO(virtio_gpu owner): also assert that the headless display's screenshot of the
-    # scanout is not blank, once the headless plugin offers a way to fetch one.
-    _, res = gpu_input
+    tmp, res = gpu_input
     _common(res, e2e_timing, "gpu+input")
     assert "card0" in res.markers.get("drm", ""), res.describe()
     assert res.markers.get("fb0") == "virtio_gpudrmfb", res.describe()
     assert res.markers.get("fbcon-bound") == "1", res.describe()
+    # fbcon drew through virtio-gpu: the headless scanout is 800x600 and not blank
+    # (the console's text lines cover several percent of it).
+    from PIL import Image
+
+    with Image.open(tmp / "screen.png") as shot:
+        assert shot.size == (800, 600)
+        lit = sum(1 for px in shot.convert("L").getdata() if px > 16)
+    assert lit >= 0.01 * 800 * 600, f"screenshot nearly blank: {lit} lit pixels"
 
 
 def test_input_devices_appear(gpu_input):
