@@ -109,3 +109,23 @@ def test_kvm_accepts_the_routing_table_and_irqfds():
             e.close()
         vm.close()
         kvm.close()
+
+
+def test_the_device_reasserts_a_pending_level_when_the_guest_clears_interrupt_disable():
+    from vmmcore.pci.device import ConfiguredPciDevice
+
+    cfg = PciConfiguration(vendor_id=1, device_id=2, class_code=PciClass.OTHER,
+                           subclass=OtherSubclass.OTHER)
+    dev = ConfiguredPciDevice(cfg, "dev")
+    irq, resample = EventFd(nonblocking=True), EventFd()
+    try:
+        intx = PciIntx(17, 1, irq, resample)
+        dev.assign_irq(intx)
+        dev.config_register_write(1, 0, COMMAND_INTX_DISABLE.to_bytes(2, "little"))
+        intx.set_level(True)
+        assert irq.try_read() == 0                  # held while disabled
+        dev.config_register_write(1, 0, b"\x00\x00")
+        assert irq.try_read() == 1                  # asserted by the write itself
+    finally:
+        irq.close()
+        resample.close()

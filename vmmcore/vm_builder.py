@@ -243,8 +243,9 @@ def _add_pci_root(inst: VmInstance, mem_size: int) -> None:
     inst.allocator = layout.system_allocator(mem_size)
     inst.pci_root = build_pci_root(inst.vm, inst.io_bus, inst.mmio_bus, inst.allocator)
     inst.stack.callback(inst.pci_root.close)
-    # Devices map host memory into the guest through this (VmMemoryRequest); closed
-    # after the devices shut down (the ExitStack unwinds in reverse), before the VM.
+    # Devices map host memory into the guest through this (VmMemoryRequest). The ExitStack
+    # unwinds in reverse: in-process devices shut down before it closes, device processes
+    # are destroyed after (by the PCI root); their late requests find the server gone.
     inst.vm_memory = VmMemoryController(inst.vm, inst.allocator)
     inst.stack.callback(inst.vm_memory.close)
     inst.vm_memory_server = VmMemoryServer(inst.vm_memory)

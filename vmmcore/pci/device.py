@@ -32,7 +32,13 @@ from dataclasses import dataclass, field
 from vmmcore.allocator import SystemAllocator
 from vmmcore.errors import AllocationError
 from vmmcore.eventfd import EventFd
-from vmmcore.pci.config_space import BarKind, BarRange, PciBar, PciConfiguration
+from vmmcore.pci.config_space import (
+    COMMAND_INTX_DISABLE,
+    BarKind,
+    BarRange,
+    PciBar,
+    PciConfiguration,
+)
 from vmmcore.pci.intx import PciIntx
 from vmmcore.pci.irq import IrqRouter
 from vmmcore.pci.msix import MsixConfig
@@ -188,7 +194,11 @@ class ConfiguredPciDevice(PciDevice):
         return self.config.read_reg(reg_idx)
 
     def write_config_register(self, reg_idx: int, offset: int, data: bytes) -> None:
+        intx_was_disabled = self.config.command & COMMAND_INTX_DISABLE
         self.config.write_reg(reg_idx, offset, data)
+        if intx_was_disabled and not self.config.command & COMMAND_INTX_DISABLE \
+                and self.intx is not None:
+            self.intx.refresh()     # a level that rose while disabled is asserted now
 
     def bar_ranges(self) -> list[BarRange]:
         return self.config.bar_ranges()
