@@ -272,6 +272,13 @@ class Qcow2File(DiskFile):
         except OSError as e:
             raise self._err(f"read at {off:#x}: {e.strerror}") from None
 
+    def _extend_file(self, end: int) -> None:
+        try:
+            os.ftruncate(self._fd, end)
+        except OSError as e:
+            raise self._err(f"extending the file to {end}: {e.strerror}") from None
+        self._file_end = max(self._file_end, end)
+
     def _write_header_field(self, offset: int, fmt: str, *values: int) -> None:
         self._pwrite(offset, struct.pack(fmt, *values))
 
@@ -977,15 +984,27 @@ class Qcow2File(DiskFile):
                     k += 1
                 run_end = min(chunk_end, (vcl + k) << cb)
                 host = self._alloc(k)
-                views: list[memoryview] = []
+                # clusters past the end of the file read as zeroes: zero fills need not
+                # be written there, the file is extended (sparsely) instead
+                fresh = host >= self._file_end
                 cl_start = vcl << cb
-                if pos > cl_start:
-                    views.append(memoryview(self._read_locked(cl_start, pos - cl_start)))
-                views += B.slice(pos - offset, run_end - offset)
                 last_end = (vcl + k) << cb
+                head = tail = b""
+                if pos > cl_start:
+                    head = self._read_locked(cl_start, pos - cl_start)
                 if run_end < last_end:
-                    views.append(memoryview(self._read_locked(run_end, last_end - run_end)))
-                self._pwritev(host, views)
+                    tail = self._read_locked(run_end, last_end - run_end)
+                data = B.slice(pos - offset, run_end - offset)
+                start = host
+                if head and not (fresh and head == _ZEROS[:len(head)]):
+                    data.insert(0, memoryview(head))
+                else:
+                    start += len(head)
+                if tail and not (fresh and tail == _ZEROS[:len(tail)]):
+                    data.append(memoryview(tail))
+                self._pwritev(start, data)
+                if self._file_end < host + k * cs:
+                    self._extend_file(host + k * cs)
                 self._barrier()     # data before the L2 entries that map it
                 old = t[idx:idx + k]
                 for j in range(k):
