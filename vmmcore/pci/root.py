@@ -105,6 +105,20 @@ class _BarWindow(BusDevice):
             _device_error(self._slot, "BAR write", e)
 
 
+GUEST_WARNING_LIMIT = 8
+
+
+def _guest_warning(slot: _Slot, message: str, *args: object) -> None:
+    """A warning the guest can cause at will (it may reprogram a BAR forever): logged the
+    first GUEST_WARNING_LIMIT times per device, then silenced, saying so."""
+    slot.warnings += 1
+    if slot.warnings <= GUEST_WARNING_LIMIT:
+        log.warning(message, *args)
+        if slot.warnings == GUEST_WARNING_LIMIT:
+            log.warning("pci %s: further warnings about this device are suppressed",
+                        slot.address)
+
+
 def _device_error(slot: _Slot, what: str, error: Exception) -> None:
     """A device raised on the vCPU path: log it (once per device, the guest may repeat the
     access forever) and carry on, as a sandboxed device's failure does."""
@@ -129,6 +143,7 @@ class _Slot:
     gsis: list[int] = field(default_factory=list)
     allocated: list[BarRange] = field(default_factory=list)
     failed: bool = False            # the device raised on the vCPU path (logged once)
+    warnings: int = 0               # guest-caused warnings logged so far (capped)
 
 
 class PciRoot:
@@ -317,12 +332,12 @@ class PciRoot:
 
     def _map(self, slot: _Slot, r: BarRange) -> None:
         if not 0 <= r.bar < 6 or r.size <= 0 or r.size & (r.size - 1) or r.base % r.size:
-            log.warning("pci %s: ignoring malformed BAR range %s", slot.address, r)
+            _guest_warning(slot, "pci %s: ignoring malformed BAR range %s", slot.address, r)
             return
         if not self._in_windows(r):
-            log.warning("pci %s (%s): BAR%d at %#x+%#x is outside the PCI %s windows; "
-                        "left unmapped", slot.address, slot.device.debug_label(), r.bar,
-                        r.base, r.size, "IO" if r.is_io else "MMIO")
+            _guest_warning(slot, "pci %s (%s): BAR%d at %#x+%#x is outside the PCI %s "
+                           "windows; left unmapped", slot.address, slot.device.debug_label(),
+                           r.bar, r.base, r.size, "IO" if r.is_io else "MMIO")
             return
         window = slot.windows.get(r.bar)
         if window is None:
@@ -331,7 +346,7 @@ class PciRoot:
         try:
             bus.insert(window, r.base, r.size)
         except BusConflictError as e:
-            log.warning("pci %s: BAR%d left unmapped: %s", slot.address, r.bar, e)
+            _guest_warning(slot, "pci %s: BAR%d left unmapped: %s", slot.address, r.bar, e)
             return
         slot.mapped[r.bar] = r
         for spec in slot.ioevents:
@@ -355,8 +370,8 @@ class PciRoot:
         if self.ioevent_registrar is None:
             return
         if not 0 <= spec.offset < r.size or spec.offset + spec.length > r.size:
-            log.warning("pci %s: ioevent at BAR%d+%#x is outside the BAR", slot.address,
-                        spec.bar, spec.offset)
+            _guest_warning(slot, "pci %s: ioevent at BAR%d+%#x is outside the BAR",
+                           slot.address, spec.bar, spec.offset)
             return
         fn = (self.ioevent_registrar.register_ioeventfd if register
               else self.ioevent_registrar.unregister_ioeventfd)
@@ -364,7 +379,7 @@ class PciRoot:
             fn(spec.evt, r.base + spec.offset, spec.length, datamatch=spec.datamatch,
                pio=r.is_io)
         except VmmError as e:
-            log.warning("pci %s: ioeventfd at %#x: %s", slot.address, r.base + spec.offset, e)
+            _guest_warning(slot, "pci %s: ioeventfd at %#x: %s", slot.address, r.base + spec.offset, e)
 
     # -- the guest-facing bus devices ------------------------------------------------
 
