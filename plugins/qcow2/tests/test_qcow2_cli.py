@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 
+import pytest
 from click.testing import CliRunner
 from qhelp import QEMU_IMG, needs_qemu, pattern, qcheck, qimg, write
 from vmm_qcow2.image import Qcow2File
@@ -107,6 +108,9 @@ def test_convert_both_ways(tmp_path):
     assert r.exit_code == 0, r.output
     assert raw.read_bytes() == bytes(data)
     assert raw.stat().st_blocks * 512 < 2 * MiB        # zeroes stay holes
+    # Reading a raw image back needs the raw format plugin (tox's qcow2 env has only this
+    # plugin; the full install has both).
+    pytest.importorskip("vmm_raw", reason="converting from raw needs the raw plugin")
     q = tmp_path / "out.qcow2"
     r = run("disk", "convert", raw, q, "-O", "qcow2", "--cluster-size", "512")
     assert r.exit_code == 0, r.output

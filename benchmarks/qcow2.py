@@ -1,6 +1,6 @@
 """qcow2 throughput: vmm's qcow2 format against qemu-io on the same image, in one run.
 
-    python3 plugins/qcow2/benchmarks/qcow2_bench.py [--size 256M] [--repeats 3] [--dir DIR]
+    python3 -m benchmarks.qcow2 [--size 256M] [--repeats 3] [--dir DIR]
 
 Workloads (each on a fresh copy of the same image, our side and qemu-io alternating):
 
