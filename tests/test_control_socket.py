@@ -596,3 +596,25 @@ def test_run_refuses_a_socket_path_that_is_a_file(tmp_path):
     result = vmm("run", "-s", str(f))
     assert result.returncode == 2 and "not a socket" in result.stderr
     assert f.read_text() == "x"
+
+
+@kvm
+def test_gpu_screenshot_reaches_the_real_sandboxed_virtio_gpu(tmp_path, sock_path):
+    """`gpu_screenshot` crosses to the jailed GPU process and back. The spinning test
+    guest never sets a scanout, so the answer is the device's own clear refusal (the PNG
+    path itself is tested in plugins/virtio_gpu with a driven scanout, and end to end
+    with Linux's fbcon in tests/e2e)."""
+    pytest.importorskip("vmm_virtio_gpu")
+    running = RunningVm(tmp_path, sock_path,
+                        devices=("virtio_gpu:width=64,height=48,display=headless",),
+                        setup=None)
+    try:
+        out = tmp_path / "shot.png"
+        answer = running.ask("gpu_screenshot", path=str(out))
+        assert not answer["ok"]
+        assert answer["error"] == ("virtio_gpu0: screenshot failed: ValueError: scanout 0 "
+                                   "is not enabled (the guest shows nothing)")
+        assert not out.exists()
+        assert running.ask("status")["ok"]          # the VM and its GPU carry on
+    finally:
+        running.close()
