@@ -1,7 +1,7 @@
 """virtio-gpu frame rate: full-screen TRANSFER_TO_HOST_2D + RESOURCE_FLUSH, against a
 plain copy of the same bytes, measured side by side in one run.
 
-    python plugins/virtio_gpu/benchmarks/gpu_frames.py [--width 1920 --height 1080]
+    python -m benchmarks.gpu [--width 1920 --height 1080]
         [--seconds 3] [--pieces 1]
 
 The guest side is the tier-1 test driver (vmmcore.virtio.testing.DeviceHarness): the
