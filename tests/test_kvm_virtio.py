@@ -42,6 +42,21 @@ BLK_PATTERN = BLK_PATTERN_TEXT + bytes((i * 7 + 1) & 0xFF
                                        for i in range(len(BLK_PATTERN_TEXT), 512))
 SECTOR0 = b"vmm tier-2 virtio-blk image, sector 0 \xde\xad\xbe\xef" + bytes(range(64))
 
+# guests/tests/virtio_blk.c zeroes sectors 2-5 with DISCARD and 6-9 with WRITE_ZEROES (6-7
+# without, 8-9 with the unmap flag) when the device offers those features.
+DISCARDED = range(2, 6)
+WRITE_ZEROED = range(6, 10)
+BLK_DISCARD_LINES = [
+    "discard: max_discard_sectors ",
+    "discard: sectors 2-9 written and read back",
+    "discard: sectors 2-5 discarded",
+    "write-zeroes: sectors 6-7 zeroed",
+    "write-zeroes: sectors 8-9 zeroed with unmap",
+    "discard: flushed",
+    "discard: sectors 2-5 read back as zeroes",
+    "write-zeroes: sectors 6-9 read back as zeroes",
+]
+
 
 def guest(name: str) -> Path:
     return guest_builds.guest_path(name)
@@ -164,6 +179,16 @@ def make_image(path: Path, sectors: int = 2048) -> bytes:
     return bytes(data)
 
 
+def assert_lines_in_order(out: str, prefixes: list[str]) -> None:
+    """Each prefix starts a line of out, in this order."""
+    lines = out.splitlines()
+    at = 0
+    for p in prefixes:
+        hits = [i for i in range(at, len(lines)) if lines[i].startswith(p)]
+        assert hits, f"no line starting {p!r} (in order) in:\n{out}"
+        at = hits[0] + 1
+
+
 def test_virtio_blk_guest_without_the_device_exits_with_its_not_found_status():
     result = vmm("run", str(guest("tests/virtio_blk")))
     assert result.returncode == BLK_EXIT_NO_DEVICE, explain(result)
@@ -182,10 +207,47 @@ def test_virtio_blk_guest_reads_writes_and_flushes_a_raw_image(tmp_path):
     assert f"sector0: {SECTOR0[:64].hex()}" in out, out
     assert "msix interrupt received" in out, out
     assert "virtio-blk: OK" in out
+    # DISCARD and WRITE_ZEROES were offered (sparse raw image) and negotiated
+    assert "not offered" not in out, out
+    assert_lines_in_order(out, BLK_DISCARD_LINES)
+    assert "write-zeroes: max_write_zeroes_sectors " in out, out
     after = img.read_bytes()
     assert len(after) == len(before)
     assert after[512:1024] == BLK_PATTERN           # what the guest wrote and flushed
-    assert after[:512] == before[:512] and after[1024:] == before[1024:]   # nothing else
+    assert after[1024:5120] == bytes(4096)          # sectors 2-9: discarded / write-zeroed
+    assert after[:512] == before[:512] and after[5120:] == before[5120:]   # nothing else
+    # discard freed or kept blocks, never allocated more than the same bytes fully written
+    control = tmp_path / "control.img"
+    control.write_bytes(after)
+    assert img.stat().st_blocks <= control.stat().st_blocks, (img.stat(), control.stat())
+
+
+def test_virtio_blk_guest_without_discard_still_write_zeroes(tmp_path):
+    """sparse=false: no VIRTIO_BLK_F_DISCARD (the guest says so and does not fail), but
+    WRITE_ZEROES is still offered and zeroes sectors 6-9; sectors 2-5 are not touched."""
+    require_plugins(("device", "virtio_blk"), ("disk_format", "raw"))
+    img = tmp_path / "disk.img"
+    before = make_image(img)
+    result = vmm("run", str(guest("tests/virtio_blk")), "--device",
+                 f"virtio_blk:path={img},sparse=false")
+    assert result.returncode == 0, explain(result)
+    out = result.stdout
+    assert "discard: not offered" in out, out
+    assert "write-zeroes: not offered" not in out, out
+    assert "discard: max_discard_sectors" not in out and "discarded" not in out, out
+    assert_lines_in_order(out, ["write-zeroes: max_write_zeroes_sectors ",
+                                "discard: sectors 6-9 written and read back",
+                                "write-zeroes: sectors 6-7 zeroed",
+                                "write-zeroes: sectors 8-9 zeroed with unmap",
+                                "discard: flushed",
+                                "write-zeroes: sectors 6-9 read back as zeroes",
+                                "virtio-blk: OK"])
+    after = img.read_bytes()
+    assert len(after) == len(before)
+    assert after[512:1024] == BLK_PATTERN
+    assert after[3072:5120] == bytes(2048)          # sectors 6-9
+    assert after[:512] == before[:512] and after[1024:3072] == before[1024:3072]
+    assert after[5120:] == before[5120:]
 
 
 def test_guests_assign_every_function_distinct_bars_and_drive_theirs_behind_another(tmp_path):
