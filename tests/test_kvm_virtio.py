@@ -216,10 +216,9 @@ def test_virtio_blk_guest_reads_writes_and_flushes_a_raw_image(tmp_path):
     assert after[512:1024] == BLK_PATTERN           # what the guest wrote and flushed
     assert after[1024:5120] == bytes(4096)          # sectors 2-9: discarded / write-zeroed
     assert after[:512] == before[:512] and after[5120:] == before[5120:]   # nothing else
-    # discard freed or kept blocks, never allocated more than the same bytes fully written
-    control = tmp_path / "control.img"
-    control.write_bytes(after)
-    assert img.stat().st_blocks <= control.stat().st_blocks, (img.stat(), control.stat())
+    # (That a discard frees host blocks is tested on the raw format itself, with
+    # block-aligned ranges: plugins/raw/tests. Sectors 2-5 share one 4 KiB file-system
+    # block with live data here, so nothing can be freed.)
 
 
 def test_virtio_blk_guest_without_discard_still_write_zeroes(tmp_path):
