@@ -14,8 +14,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_sandbox_proxy import _SKIP  # the same namespace probe
 
-from tests.test_sandbox_proxy import _SKIP  # the same namespace probe
 from vmmcore.sandbox.testing import PciVirtioRig
 from vmmcore.virtio.pci_transport import VirtioPciDevice
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.virtio_driver import VirtqueueDriver
 from vmmcore.allocator import SystemAllocator
 from vmmcore.arch.x86_64 import layout
 from vmmcore.bus import Bus
@@ -48,6 +47,7 @@ from vmmcore.virtio.status import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_VERSION_1,
 )
+from vmmcore.virtio.testing import VirtqueueDriver
 from vmmcore.vm_events import VmEvent, VmEventSink
 
 ROOT = Path(__file__).resolve().parents[1]

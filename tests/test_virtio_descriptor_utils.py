@@ -7,10 +7,10 @@ import struct
 
 import pytest
 
-from tests.virtio_driver import VirtqueueDriver
 from vmmcore.memory import GuestMemory
 from vmmcore.virtio.descriptor_utils import Reader, Writer
 from vmmcore.virtio.queue import VirtqueueError
+from vmmcore.virtio.testing import VirtqueueDriver
 
 HEADER = struct.Struct("<IIQ")  # virtio-blk's request header: type, reserved, sector
 

@@ -9,7 +9,6 @@ import threading
 
 import pytest
 
-from tests.virtio_driver import VirtqueueDriver
 from vmmcore.eventfd import EventFd
 from vmmcore.interrupts import CallbackInterrupt, IrqFdInterrupt
 from vmmcore.memory import GuestMemory
@@ -29,6 +28,7 @@ from vmmcore.virtio.status import (
     VIRTIO_MSI_NO_VECTOR,
     modern_pci_device_id,
 )
+from vmmcore.virtio.testing import VirtqueueDriver
 
 MiB = 1024 * 1024
 TIMEOUT = 5.0

@@ -8,7 +8,6 @@ import struct
 
 import pytest
 
-from tests.virtio_driver import VirtqueueDriver
 from vmmcore.arch.x86_64 import layout
 from vmmcore.bus import Bus
 from vmmcore.eventfd import EventFd
@@ -29,6 +28,7 @@ from vmmcore.virtio.status import (
     VIRTIO_F_VERSION_1,
     VIRTIO_MSI_NO_VECTOR,
 )
+from vmmcore.virtio.testing import VirtqueueDriver
 
 MiB = 1 << 20
 TIMEOUT = 5.0

@@ -7,7 +7,6 @@ import re
 
 import pytest
 
-from tests.virtio_driver import VirtqueueDriver
 from vmmcore.errors import VmmError
 from vmmcore.memory import GuestMemory
 from vmmcore.virtio.queue import (
@@ -21,6 +20,7 @@ from vmmcore.virtio.queue import (
     vring_need_event,
 )
 from vmmcore.virtio.status import TRANSPORT_FEATURES
+from vmmcore.virtio.testing import VirtqueueDriver
 
 KiB = 1024
 MiB = 1024 * KiB

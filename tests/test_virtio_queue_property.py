@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.virtio_driver import VirtqueueDriver
 from vmmcore.memory import GuestMemory
 from vmmcore.virtio.queue import U32_MAX, Queue, VirtqueueError
 from vmmcore.virtio.status import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC
+from vmmcore.virtio.testing import VirtqueueDriver
 
 KiB = 1024
 RAM = [(0, 64 * KiB), (128 * KiB, 64 * KiB)]  # two regions with a gap

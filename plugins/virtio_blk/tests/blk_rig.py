@@ -1,7 +1,7 @@
 """Test rig for the virtio-blk device model: guest memory, driven queues, MSI-X vectors.
 
-The split-ring driver is the core's tests/virtio_driver.py (plays Linux's virtio_ring);
-this conftest puts the core's tests directory on sys.path to import it. The disk is a
+The split-ring driver is the core's public test driver, vmmcore.virtio.testing (it plays
+Linux's virtio_ring). The disk is a
 small file-backed DiskFile defined here, so these tests need only the core and this
 plugin (tox installs nothing else); tests of effects on the host file use the raw format
 when it is installed.
@@ -12,16 +12,10 @@ from __future__ import annotations
 import os
 import select
 import struct
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-_CORE_TESTS = Path(__file__).resolve().parents[3] / "tests"
-if (_CORE_TESTS / "virtio_driver.py").exists() and str(_CORE_TESTS) not in sys.path:
-    sys.path.insert(0, str(_CORE_TESTS))
-
-from virtio_driver import VirtqueueDriver  # noqa: E402
 from vmm_virtio_blk.device import REQ_HEADER, SEGMENT, VirtioBlock  # noqa: E402
 
 from vmmcore.disk import Buffers, DiskCapabilities, DiskError, DiskFile  # noqa: E402
@@ -30,6 +24,7 @@ from vmmcore.interrupts import IrqFdInterrupt  # noqa: E402
 from vmmcore.memory import GuestMemory  # noqa: E402
 from vmmcore.virtio import EventFdMsix, VirtioInterrupt, prepare_queues  # noqa: E402
 from vmmcore.virtio.status import TRANSPORT_FEATURES  # noqa: E402
+from vmmcore.virtio.testing import VirtqueueDriver  # noqa: E402
 
 MiB = 1 << 20
 TIMEOUT = 10.0

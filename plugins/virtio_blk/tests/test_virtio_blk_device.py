@@ -420,7 +420,7 @@ def test_reset_and_reactivate_after_needs_reset(image, rig_factory):
     assert rig.reset_seen.wait(TIMEOUT)
     assert rig.device.reset()
     rig.interrupt.reset()
-    from virtio_driver import VirtqueueDriver
+    from vmmcore.virtio.testing import VirtqueueDriver
     rig.drivers[0] = VirtqueueDriver(rig.mem, rig.device.queue_size, 0x1000,
                                      BlkRig.DATA_BASE, BlkRig.DATA_PER_QUEUE,
                                      event_idx=True, indirect=True, kick_evt=rig.kicks[0])
