@@ -361,3 +361,55 @@ u8 pci_find_cap(const struct pci_func *f, u8 id, u8 from)
 	}
 	return 0;
 }
+
+static int same_functions(const struct pci_func *a, unsigned na, const struct pci_func *b,
+			  unsigned nb)
+{
+	if (na != nb)
+		return 0;
+	for (unsigned i = 0; i < na; i++)
+		if (a[i].dev != b[i].dev || a[i].fn != b[i].fn || a[i].vendor != b[i].vendor ||
+		    a[i].device != b[i].device || a[i].class_code != b[i].class_code)
+			return 0;
+	return 1;
+}
+
+int pci_bring_up(u16 vendor, u16 device, const char *name, struct pci_func *out)
+{
+	static struct pci_func cf8[32], ecam[32];
+	unsigned ncf8 = pci_scan(PCI_CF8, cf8, ARRAY_SIZE(cf8));
+	const struct pci_ecam *e = pci_ecam();
+	printf("pci: %u functions through 0xcf8\n", ncf8);
+	if (pci_find(PCI_CF8, vendor, device, out)) {
+		printf("%s: no %04x:%04x on bus 0 (0xcf8 scan)\n", name, vendor, device);
+		return 2;
+	}
+	if (!e->base) {
+		printf("%s: no MCFG table\n", name);
+		return 3;
+	}
+	unsigned necam = pci_scan(PCI_ECAM, ecam, ARRAY_SIZE(ecam));
+	printf("pci: %u functions through ECAM at %#lx (buses %u-%u)\n", necam, e->base,
+	       e->bus_start, e->bus_end);
+	if (!same_functions(cf8, ncf8, ecam, necam) || pci_find(PCI_ECAM, vendor, device, out)) {
+		printf("%s: the ECAM scan differs from the 0xcf8 scan\n", name);
+		return 4;
+	}
+	struct pci_window mem = { PCI_LOW_MMIO_START, PCI_LOW_MMIO_END };
+	struct pci_window io = { PCI_IO_START, PCI_IO_END };
+	/* every function gets its BARs, in bus order, like firmware would do */
+	unsigned n = necam < ARRAY_SIZE(ecam) ? necam : ARRAY_SIZE(ecam);
+	if (pci_assign_all(ecam, n, &mem, &io)) {
+		printf("%s: BAR assignment failed\n", name);
+		return 5;
+	}
+	for (unsigned i = 0; i < n; i++) {
+		if (ecam[i].dev == out->dev && ecam[i].fn == out->fn)
+			*out = ecam[i];
+		for (unsigned b = 0; b < 6; b++)
+			if (ecam[i].bar_addr[b])
+				printf("pci 00:%02x.%u bar%u %#lx size %#lx\n", ecam[i].dev, ecam[i].fn,
+				       b, ecam[i].bar_addr[b], ecam[i].bar_size[b]);
+	}
+	return 0;
+}

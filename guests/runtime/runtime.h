@@ -263,6 +263,11 @@ int pci_assign_bars(struct pci_func *f, struct pci_window *mem, struct pci_windo
  * before any driver runs, so no two devices decode the same addresses); -1 if any failed. */
 int pci_assign_all(struct pci_func *funcs, unsigned n, struct pci_window *mem,
 		   struct pci_window *io);
+/* What a test guest does first (there is no firmware): find vendor:device on bus 0
+ * through 0xcf8, check that the ECAM (MCFG) scan agrees, and give every function its
+ * BARs over ECAM. Returns 0 with *out the device (ECAM access, BARs assigned), else the
+ * failed step as an exit status: 2 not found, 3 no MCFG, 4 scans differ, 5 BARs. */
+int pci_bring_up(u16 vendor, u16 device, const char *name, struct pci_func *out);
 /* Walks the capability list (bounded); returns the offset of the first capability with
  * this id after the one at `from` (0: from the start of the list), 0 if none. */
 u8 pci_find_cap(const struct pci_func *f, u8 id, u8 from);

@@ -336,41 +336,10 @@ int main(const void *bp)
 	want_irq = !(cmdline_get(boot_cmdline(bp), "nomsix", arg, sizeof(arg)) && arg[0] == '1');
 	const u16 id = VIRTIO_PCI_MODERN_ID(VIRTIO_ID_BLOCK);
 
-	static struct pci_func cf8[32], ecam[32];
-	unsigned ncf8 = pci_scan(PCI_CF8, cf8, ARRAY_SIZE(cf8));
 	struct pci_func f;
-	if (pci_find(PCI_CF8, VIRTIO_PCI_VENDOR, id, &f)) {
-		puts("virtio-blk: no 1af4:1042 on bus 0 (0xcf8 scan)");
-		return 2;
-	}
-	if (!pci_ecam()->base) {
-		puts("virtio-blk: no MCFG table");
-		return 3;
-	}
-	unsigned necam = pci_scan(PCI_ECAM, ecam, ARRAY_SIZE(ecam));
-	int same = ncf8 == necam;
-	for (unsigned i = 0; same && i < ncf8 && i < ARRAY_SIZE(cf8); i++)
-		same = cf8[i].dev == ecam[i].dev && cf8[i].vendor == ecam[i].vendor &&
-		       cf8[i].device == ecam[i].device;
-	if (!same || pci_find(PCI_ECAM, VIRTIO_PCI_VENDOR, id, &f)) {
-		puts("virtio-blk: the ECAM scan differs from the 0xcf8 scan");
-		return 4;
-	}
-	struct pci_window mem = { PCI_LOW_MMIO_START, PCI_LOW_MMIO_END };
-	struct pci_window io = { PCI_IO_START, PCI_IO_END };
-	/* every function gets its BARs, in bus order, like firmware would do */
-	if (pci_assign_all(ecam, necam < ARRAY_SIZE(ecam) ? necam : ARRAY_SIZE(ecam), &mem, &io)) {
-		puts("virtio-blk: BAR assignment failed");
-		return 5;
-	}
-	for (unsigned i = 0; i < necam && i < ARRAY_SIZE(ecam); i++) {
-		if (ecam[i].dev == f.dev && ecam[i].fn == f.fn)
-			f = ecam[i];
-		for (unsigned b = 0; b < 6; b++)
-			if (ecam[i].bar_addr[b])
-				printf("pci 00:%02x.%u bar%u %#lx size %#lx\n", ecam[i].dev, ecam[i].fn,
-				       b, ecam[i].bar_addr[b], ecam[i].bar_size[b]);
-	}
+	int failed = pci_bring_up(VIRTIO_PCI_VENDOR, id, "virtio-blk", &f);
+	if (failed)
+		return failed;
 	printf("virtio-blk at 00:%02x.%u, BAR0 %#lx size %#lx\n", f.dev, f.fn, f.bar_addr[0],
 	       f.bar_size[0]);
 	if (irq_init()) {

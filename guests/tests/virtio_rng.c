@@ -45,18 +45,6 @@
 
 static u8 rng_buf[2][RNG_LEN] __attribute__((aligned(64)));
 
-static int same_functions(const struct pci_func *a, unsigned na, const struct pci_func *b,
-			  unsigned nb)
-{
-	if (na != nb)
-		return 0;
-	for (unsigned i = 0; i < na; i++)
-		if (a[i].dev != b[i].dev || a[i].fn != b[i].fn || a[i].vendor != b[i].vendor ||
-		    a[i].device != b[i].device || a[i].class_code != b[i].class_code)
-			return 0;
-	return 1;
-}
-
 /* One request: post buf, kick, wait.  Returns 0 or an exit status. */
 static int request(struct virtio_dev *d, u8 *buf, int want_irq, int *got_irq)
 {
@@ -112,45 +100,12 @@ int main(const void *bp)
 	char arg[8];
 	int want_irq = !(cmdline_get(boot_cmdline(bp), "nomsix", arg, sizeof(arg)) && arg[0] == '1');
 
-	/* 1. enumeration through both mechanisms */
-	static struct pci_func cf8[32], ecam[32];
-	unsigned ncf8 = pci_scan(PCI_CF8, cf8, ARRAY_SIZE(cf8));
-	const struct pci_ecam *e = pci_ecam();
-	printf("pci: %u functions through 0xcf8\n", ncf8);
+	/* 1. enumeration through both mechanisms, 2. BARs, programmed over ECAM */
 	struct pci_func f;
-	if (pci_find(PCI_CF8, VIRTIO_PCI_VENDOR, VIRTIO_PCI_MODERN_ID(VIRTIO_ID_RNG), &f)) {
-		puts("virtio-rng: no 1af4:1044 on bus 0 (0xcf8 scan)");
-		return 2;
-	}
-	if (!e->base) {
-		puts("virtio-rng: no MCFG table");
-		return 3;
-	}
-	unsigned necam = pci_scan(PCI_ECAM, ecam, ARRAY_SIZE(ecam));
-	printf("pci: %u functions through ECAM at %#lx (buses %u-%u)\n", necam, e->base,
-	       e->bus_start, e->bus_end);
-	if (!same_functions(cf8, ncf8, ecam, necam) ||
-	    pci_find(PCI_ECAM, VIRTIO_PCI_VENDOR, VIRTIO_PCI_MODERN_ID(VIRTIO_ID_RNG), &f)) {
-		puts("virtio-rng: the ECAM scan differs from the 0xcf8 scan");
-		return 4;
-	}
-
-	/* 2. BARs, programmed over ECAM */
-	struct pci_window mem = { PCI_LOW_MMIO_START, PCI_LOW_MMIO_END };
-	struct pci_window io = { PCI_IO_START, PCI_IO_END };
-	/* every function gets its BARs, in bus order, like firmware would do */
-	if (pci_assign_all(ecam, necam < ARRAY_SIZE(ecam) ? necam : ARRAY_SIZE(ecam), &mem, &io)) {
-		puts("virtio-rng: BAR assignment failed");
-		return 5;
-	}
-	for (unsigned i = 0; i < necam && i < ARRAY_SIZE(ecam); i++) {
-		if (ecam[i].dev == f.dev && ecam[i].fn == f.fn)
-			f = ecam[i];
-		for (unsigned b = 0; b < 6; b++)
-			if (ecam[i].bar_addr[b])
-				printf("pci 00:%02x.%u bar%u %#lx size %#lx\n", ecam[i].dev, ecam[i].fn,
-				       b, ecam[i].bar_addr[b], ecam[i].bar_size[b]);
-	}
+	int failed = pci_bring_up(VIRTIO_PCI_VENDOR, VIRTIO_PCI_MODERN_ID(VIRTIO_ID_RNG),
+				  "virtio-rng", &f);
+	if (failed)
+		return failed;
 	printf("virtio-rng at 00:%02x.%u, BAR0 %#lx (%s, size %#lx), command %#x\n", f.dev, f.fn,
 	       f.bar_addr[0], f.bar_flags[0] & PCI_BAR_MEM64 ? "64-bit" : "32-bit", f.bar_size[0],
 	       pcif_read16(&f, PCI_COMMAND));
