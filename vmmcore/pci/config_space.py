@@ -15,6 +15,7 @@ capabilities".
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -232,6 +233,10 @@ class PciConfiguration:
                  subsystem_vendor_id: int = 0, subsystem_id: int = 0,
                  header_type: int = HEADER_TYPE_DEVICE) -> None:
         self._regs = [0] * NUM_REGS
+        # The guest's config writes (a vCPU) and device-side status updates (the INTx
+        # status bit, from a device worker) read-modify-write the same dword (COMMAND and
+        # STATUS share register 1): serialised here so neither loses the other's bits.
+        self._rmw = threading.RLock()
         self._wmask = [0] * NUM_REGS
         self._w1c = [0] * NUM_REGS
         self._bars: dict[int, PciBar] = {}
@@ -318,12 +323,13 @@ class PciConfiguration:
             return
         value = int.from_bytes(data, "little") << (8 * offset)
         lanes = _bytes_mask(offset, size)
-        old = self._regs[reg_idx]
-        wmask = self._wmask[reg_idx] & lanes
-        w1c = self._w1c[reg_idx] & lanes
-        new = (old & ~wmask) | (value & wmask)
-        new &= ~(value & w1c)
-        self._regs[reg_idx] = new
+        with self._rmw:
+            old = self._regs[reg_idx]
+            wmask = self._wmask[reg_idx] & lanes
+            w1c = self._w1c[reg_idx] & lanes
+            new = (old & ~wmask) | (value & wmask)
+            new &= ~(value & w1c)
+            self._regs[reg_idx] = new
         if new != old:
             self._notify_capabilities(reg_idx * 4 + offset, size)
 
@@ -344,8 +350,9 @@ class PciConfiguration:
 
     def set_status_bits(self, bits: int, on: bool = True) -> None:
         """Device-side status updates (interrupt status, error bits to be RW1C'd)."""
-        status = self.status
-        self.set_u16(STATUS, (status | bits) if on else (status & ~bits))
+        with self._rmw:
+            status = self.status
+            self.set_u16(STATUS, (status | bits) if on else (status & ~bits))
 
     def set_interrupt(self, line: int, pin: int) -> None:
         """Interrupt line (the routed IRQ, guest-writable) and pin (1=INTA..4=INTD, RO)."""
