@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -390,10 +391,11 @@ class VmmResult:
     level1: Level1Result | None = None
     markers: dict[str, str] = field(default_factory=dict)
     to_init: float | None = None   # wall seconds from launch to the guest's "E2E: init="
+    retried: str | None = None     # the first run's output, when a timer lockup was retried
 
     def describe(self) -> str:
         s = (f"vmm run status={self.status} elapsed={self.elapsed:.1f}s to_init={self.to_init} "
-             f"nested={self.nested}\n"
+             f"nested={self.nested}{' (retried after a level-2 timer lockup)' if self.retried else ''}\n"
              f"--- vmm output ---\n{self.output[-6000:]}")
         if self.level1 is not None:
             s += f"\n--- level 1 ---\n{self.level1.describe()}"
@@ -424,6 +426,14 @@ def vmm_run_argv(kernel: Path, initrd: Path, *, cpus: int = 1, mem_mib: int = 25
             "-c", str(cpus), "-m", str(mem_mib), "-p", params, *extra]
 
 
+#: What the nested level-2 kernel prints when its timer interrupts stop arriving. Seen
+#: intermittently (about 1 run in 10) when this 2-core host is loaded: the idle vCPU
+#: waits in HLT for a TSC-deadline interrupt that level 1's KVM, itself emulated by QEMU
+#: TCG, delivers tens of seconds late. Not yet understood; see the issue notes.
+LOCKUP_SIGNATURES = ("watchdog: BUG: soft lockup", "rcu: INFO: rcu_preempt self-detected stall",
+                     "kthread timer wakeup didn't happen")
+
+
 def run_vmm(args: list[str], timeout: float, level1_timeout: float | None = None,
             rw_dirs: list[str | os.PathLike[str]] = ()) -> VmmResult:
     """Run a `vmm run` argv (see vmm_run_argv) directly when /dev/kvm can, else in level 1.
@@ -431,7 +441,23 @@ def run_vmm(args: list[str], timeout: float, level1_timeout: float | None = None
     ``timeout`` bounds `vmm run` itself (it is killed after it, status None);
     level 1 gets ``timeout`` plus its own boot allowance. ``rw_dirs``: host directories
     that `vmm run` writes in (disk images), shared read-write with level 1.
+
+    A run that timed out with the level-2 kernel reporting lost timer interrupts (see
+    LOCKUP_SIGNATURES) is run once more, and the result says so (``retried``); a second
+    such run is returned as it is, and fails its test.
     """
+    result = _run_vmm_once(args, timeout, level1_timeout, rw_dirs)
+    if result.status is None and any(sig in result.output for sig in LOCKUP_SIGNATURES):
+        first = result
+        warnings.warn("level-2 guest lost its timer interrupts (soft lockup); vmm run is "
+                      f"retried once: {shlex.join(args[-6:])}", stacklevel=2)
+        result = _run_vmm_once(args, timeout, level1_timeout, rw_dirs)
+        result.retried = first.output
+    return result
+
+
+def _run_vmm_once(args: list[str], timeout: float, level1_timeout: float | None,
+                  rw_dirs: list[str | os.PathLike[str]]) -> VmmResult:
     wrapped = [sys.executable, str(TIMED_RUN), str(timeout), "--", *args]
     l1 = None
     if has_direct_kvm():
