@@ -712,3 +712,27 @@ def test_fuzz_any_access_sequence(ops):
     assert bool(lsr & s.LSR_DR) == (dev.pending_input() > 0)
     iir = rd(dev, s.IIR)
     assert iir & 0x30 == 0 and iir & 0x0F in (1, 0, 2, 4, 6)
+
+
+def test_unix_backend_never_blocks_on_a_peer_that_stops_reading(tmp_path, caplog):
+    """A vCPU writes serial output: a peer that does not read must not stall it. What
+    the socket buffer cannot take is dropped (said once per stall); once the peer reads
+    again, new output flows."""
+    path = tmp_path / "slow.sock"
+    with listening(path) as srv:
+        backend = open_backend(parse_serial_spec(f"type=unix,path={path}"))
+        conn, _ = srv.accept()
+        with conn:
+            t0 = time.monotonic()
+            for i in range(2000):                       # ~8 MiB, far past any buffer
+                backend.write(bytes([65 + i % 26]) * 4096)
+            assert time.monotonic() - t0 < 5            # never blocked
+            assert sum("not reading" in r.message for r in caplog.records) == 1
+            conn.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while conn.recv(1 << 20):               # the peer catches up
+                    pass
+            backend.write(b"END")
+            conn.settimeout(5)
+            assert recv_exactly(conn, 3) == b"END"
+        backend.close()

@@ -422,9 +422,22 @@ class UnixSocketBackend(SerialBackend):
             self.sock.close()
             raise
         self._reader: InputReader | None = None
+        self._dropping = False
 
     def _write(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        """Never block the vCPU on a peer that stops reading: send what the socket buffer
+        takes and drop the rest, as a UART without flow control loses characters nobody
+        reads (said once per stall; nothing is held back to appear out of turn later)."""
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            if not self._dropping:
+                self._dropping = True
+                log.warning("%s: the socket peer is not reading; dropping output", self.name)
+        else:
+            self._dropping = False
 
     def start_input(self, deliver: Callable[[bytes], object]) -> None:
         if self._reader is None and self.sock.fileno() >= 0:
