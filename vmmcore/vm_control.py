@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vmmcore.errors import VmmError
+from vmmcore.sandbox import protocol as P
 
 log = logging.getLogger(__name__)
 
@@ -349,17 +350,6 @@ def decode_response(data: bytes) -> VmMemoryResponse:
     raise ValueError(f"VmMemoryResponse: unknown kind {kind:#x}")
 
 
-def _recv_with_fds(sock: socket.socket, max_fds: int) -> tuple[bytes, list[int]]:
-    data, ancdata, _flags, _addr = sock.recvmsg(MAX_MESSAGE,
-                                                socket.CMSG_SPACE(max_fds * 4))
-    fds: list[int] = []
-    for level, typ, cdata in ancdata:
-        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-            n = len(cdata) // 4
-            fds.extend(struct.unpack(f"<{n}i", cdata[:4 * n]))
-    return data, fds
-
-
 class SocketVmMemoryClient:
     """A VmMemoryClient in a device process: requests cross a SOCK_SEQPACKET socket."""
 
@@ -369,10 +359,12 @@ class SocketVmMemoryClient:
 
     def request(self, req: VmMemoryRequest) -> VmMemoryResponse:
         data, fds = encode_request(req)
-        with self._lock:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"<{len(fds)}i", *fds))]
-            self.sock.sendmsg([data], anc if fds else [])
-            reply, stray = _recv_with_fds(self.sock, 1)
+        try:
+            with self._lock:
+                P.send(self.sock, data, fds)
+                reply, stray = P.recv(self.sock, MAX_MESSAGE, 1)
+        except P.ProtocolError as e:
+            return Err(f"VmMemoryRequest reply: {e}")
         for fd in stray:
             os.close(fd)
         try:
@@ -385,8 +377,13 @@ class SocketVmMemoryClient:
 
 
 def serve_request(sock: socket.socket, controller: VmMemoryController) -> bool:
-    """Main process: answer one request from sock; False when the peer has gone."""
-    data, fds = _recv_with_fds(sock, 4)
+    """Main process: answer one request from sock; False when the peer has gone (or
+    sent a packet too large to be a request: that peer is dropped)."""
+    try:
+        data, fds = P.recv(sock, MAX_MESSAGE, 4)
+    except P.ProtocolError as e:
+        log.info("vm_control: dropping a device connection: %s", e)
+        return False
     if not data and not fds:
         return False
     try:

@@ -69,10 +69,11 @@ def send(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()
         sock.send(data, flags)
 
 
-def recv(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One packet and the fds it carried (closed-on-exec). b'' at EOF."""
-    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS,
-                                          socket.MSG_CMSG_CLOEXEC)
+def recv(sock: socket.socket, max_size: int = MAX_MESSAGE,
+         max_fds: int = MAX_FDS) -> tuple[bytes, list[int]]:
+    """One packet and the fds it carried (closed-on-exec). b'' at EOF. A packet or fd
+    list larger than the limits is refused whole (ProtocolError), its fds closed."""
+    data, fds, flags, _ = socket.recv_fds(sock, max_size, max_fds, socket.MSG_CMSG_CLOEXEC)
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         for fd in fds:
             _close(fd)
