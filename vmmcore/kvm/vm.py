@@ -113,12 +113,6 @@ class Vm:
                 a[i], b[i], c[i] = r.msi_address & 0xFFFFFFFF, r.msi_address >> 32, r.msi_data
         check(lib.vmm_set_irq_routing(self.fd, n, gsi, kind, a, b, c), "KVM_SET_GSI_ROUTING")
 
-    def signal_msi(self, address: int, data: int) -> int:
-        """Inject one MSI directly (KVM_SIGNAL_MSI); returns >0 when delivered."""
-        msi = ffi.new("struct kvm_msi *")
-        msi.address_lo, msi.address_hi, msi.data = address & 0xFFFFFFFF, address >> 32, data
-        return ioctl_ptr(self.fd, lib.KVM_SIGNAL_MSI, msi, "KVM_SIGNAL_MSI")
-
     # -- eventfds ------------------------------------------------------------------
 
     def register_irqfd(self, evt: EventFd, gsi: int, resample: EventFd | None = None) -> None:
