@@ -255,8 +255,7 @@ def _add_pci_root(inst: VmInstance, mem_size: int) -> None:
     inst.stack.callback(inst.supervisor.stop)
 
 
-def _device_model(inst: VmInstance, record: PluginRecord, device: DeviceConfig,
-                  ctx: DeviceContext) -> object:
+def _device_model(record: PluginRecord, device: DeviceConfig, ctx: DeviceContext) -> object:
     """Run a device plugin's factory (in the main process, before any fork)."""
     try:
         return load_factory(record.spec)(dict(device.options), ctx)
@@ -300,10 +299,15 @@ def _create_device(inst: VmInstance, device: DeviceConfig, index: int) -> PciDev
     vm_memory = inst.vm_memory_server.channel() if sandboxed else inst.vm_memory
     ctx = DeviceContext(name=name, index=index, mem_size=inst.config.mem_mib * MiB,
                         vm_memory=vm_memory)
-    model = _device_model(inst, record, device, ctx)
-    if not isinstance(model, VirtioDevice | PciDevice):
-        raise VmmError(f"device {name}: the plugin's factory returned "
-                       f"{type(model).__name__}, not a VirtioDevice or PciDevice")
+    try:
+        model = _device_model(record, device, ctx)
+        if not isinstance(model, VirtioDevice | PciDevice):
+            raise VmmError(f"device {name}: the plugin's factory returned "
+                           f"{type(model).__name__}, not a VirtioDevice or PciDevice")
+    except BaseException:
+        if sandboxed:
+            vm_memory.sock.close()      # no device process will use this channel
+        raise
 
     def build(mem: GuestMemory) -> PciDevice:
         if isinstance(model, VirtioDevice):
@@ -341,7 +345,6 @@ def _release_model(model: VirtioDevice | PciDevice) -> None:
 def _add_plugin_devices(inst: VmInstance) -> None:
     """The --device plugins, on PCI bus 0 in command-line order (so vda comes first)."""
     counts: dict[str, int] = {}
-    created = []
     for device in inst.config.devices:
         index = counts.get(device.name, 0)
         counts[device.name] = index + 1
@@ -352,9 +355,8 @@ def _add_plugin_devices(inst: VmInstance) -> None:
         except BaseException:
             pci_device.destroy()        # never placed: nobody else would end it
             raise
-        created.append((device, pci_device))
         inst.plugin_devices.append((device, pci_device))
-    call_hook("vmm_devices_created", vm=inst, devices=created)
+    call_hook("vmm_devices_created", vm=inst, devices=list(inst.plugin_devices))
     # Threads only now: every device process has been forked.
     inst.supervisor.start()
     inst.vm_memory_server.start()
