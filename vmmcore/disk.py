@@ -8,7 +8,9 @@ opens the file and returns a :class:`DiskFile`.
 
 Data moves straight between the image and guest memory: read_into/write_from take lists
 of memoryviews (zero-copy slices of GuestMemory, as a descriptor chain yields them), so a
-raw image is a single preadv/pwritev. Disk images are hostile input: a format raises
+raw image is a single preadv/pwritev. A format whose image is a straight byte range of
+one file (raw) also says so through :meth:`DiskFile.file_extent` (plugin API 1.2), so a
+device with a native data plane can do that I/O itself, outside Python. Disk images are hostile input: a format raises
 :class:`DiskError` with a message naming the problem, never a bare traceback, and never
 writes outside its own file.
 """
@@ -42,6 +44,24 @@ class DiskCapabilities:
     write_zeroes: bool = False
     resize: bool = False
     sparse: bool = False            # holes read as zeroes without occupying space
+
+
+@dataclass(frozen=True)
+class FileExtent:
+    """The virtual disk is bytes [offset, offset + size) of one open file, unchanged.
+
+    Returned by :meth:`DiskFile.file_extent` (plugin API 1.2) for a format whose every
+    operation is plain positional I/O on that file, so that a device may do it itself
+    (virtio-blk's native engine does): read = preadv (zeroes past the end of the file),
+    write = pwritev, flush = fdatasync(fd), discard = fallocate(PUNCH_HOLE|KEEP_SIZE),
+    write-zeroes = fallocate(ZERO_RANGE) or written zeroes. The descriptors stay owned
+    by the DiskFile and valid until its close(); the user must not close them.
+    """
+
+    fd: int                     #: the image, opened read-only or read-write like the disk
+    offset: int = 0             #: file offset of the disk's byte 0
+    direct_fd: int = -1         #: the same file opened O_DIRECT (direct=true), or -1
+    block_device: bool = False  #: a block device: no hole punching for write-zeroes
 
 
 class DiskFile(abc.ABC):
@@ -89,6 +109,14 @@ class DiskFile(abc.ABC):
     def resize(self, new_size: int) -> None:
         """Grow (or shrink) the virtual disk."""
         raise DiskUnsupported(f"{self.format_name} image {self.path}: resize not supported")
+
+    def file_extent(self) -> FileExtent | None:
+        """Where the disk lies in one file, if every operation is positional I/O on it.
+
+        None (the default) means "go through read_into/write_from/...": compressed,
+        allocated or layered formats (qcow2) keep their own I/O path. Plugin API 1.2.
+        """
+        return None
 
     def fds(self) -> list[int]:
         """File descriptors this image uses (a sandboxed device process must keep them)."""

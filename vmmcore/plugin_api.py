@@ -42,7 +42,9 @@ from typing import Any
 #: The version of the plugin API this core provides, "MAJOR.MINOR".  A plugin states the
 #: version it was written against; it loads when the majors are equal and its minor is
 #: not newer than the core's.  Additions bump the minor; removals or changes, the major.
-API_VERSION = "1.1"
+#: 1.2: DiskFile.file_extent() / FileExtent; VirtioInterrupt.queue_irqfd() and
+#: add_route_listener() (a device's native data plane may signal irqfds itself).
+API_VERSION = "1.2"
 
 #: The plugin kinds, and the entry-point group each is discovered in.
 KIND_GROUPS: dict[str, str] = {

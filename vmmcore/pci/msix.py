@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vmmcore.eventfd import EventFd
@@ -88,6 +88,7 @@ class MsixConfig:
         self._config: PciConfiguration | None = None
         self._cap_offset = 0
         self._control = 0
+        self._listeners: list[Callable[[], None]] = []
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -114,6 +115,7 @@ class MsixConfig:
                 self._gsis[i], self._events[i] = gsi, evt
                 self._pushed[i] = None
             self._sync_all()
+            self._notify()
 
     def gsis(self) -> list[int | None]:
         return list(self._gsis)
@@ -136,6 +138,7 @@ class MsixConfig:
         with self._lock:
             self._control = self._config.get_u16(cap_offset + 2)
             self._sync_all()
+            self._notify()
 
     def _sync_all(self) -> None:
         """After enable/function-mask changed: push routes, deliver what is pending."""
@@ -197,6 +200,8 @@ class MsixConfig:
                 e[_ADDR_LO] &= 0xFFFF_FFFC        # the message address is dword aligned
                 e[_CTRL] &= MSIX_VECTOR_CONTROL_MASKED   # other control bits are reserved
                 self._entry_changed(entry, before[entry])
+            if touched:
+                self._notify()
 
     def _entry_changed(self, v: int, old: list[int]) -> None:
         if not self._deliverable(v):
@@ -262,6 +267,43 @@ class MsixConfig:
 
     # -- the device's side -------------------------------------------------------------
 
+    def direct_eventfd(self, v: int) -> int | None:
+        """The irqfd that trigger(v) would just write right now, or None.
+
+        None when trigger() has more to decide (MSI-X off, vector or function masked, no
+        irqfd). A device's native data plane writes the fd itself and re-asks whenever a
+        listener (add_listener) reports a change (plugin API 1.2).
+        """
+        with self._lock:
+            if not 0 <= v < self.num_vectors or not self._deliverable(v):
+                return None
+            evt = self._events[v]
+            if evt is None:
+                return None
+            self._sync_route(v)
+            return evt.fileno()
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call callback whenever direct_eventfd() answers may have changed.
+
+        It runs under the MSI-X lock, before the guest's write completes, so a mask
+        takes effect for the listener at once; keep it short and free of other locks.
+        """
+        with self._lock:
+            self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if callback in self._listeners:
+                self._listeners.remove(callback)
+
+    def _notify(self) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback()
+            except Exception:  # a device's bug must not break the guest's MSI-X write
+                log.exception("%s: MSI-X listener failed", self.label)
+
     def trigger(self, v: int) -> bool:
         """Signal vector v; True when delivered, False when left pending or impossible.
 
@@ -290,3 +332,4 @@ class MsixConfig:
             if self._config is not None:
                 ctrl = self._config.get_u16(self._cap_offset + 2)
                 self._config.set_u16(self._cap_offset + 2, ctrl & MSIX_CONTROL_TABLE_SIZE_MASK)
+            self._notify()

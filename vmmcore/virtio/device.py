@@ -65,6 +65,19 @@ class EventFdMsix:
         else:
             log.debug("MSI-X vector %d outside the %d-entry table", vector, len(self.vectors))
 
+    def direct_eventfd(self, vector: int) -> int | None:
+        """The eventfd trigger(vector) writes, when it is an irqfd (IrqFdInterrupt)."""
+        if not self.enabled or not 0 <= vector < len(self.vectors):
+            return None
+        evt = getattr(self.vectors[vector], "evt", None)
+        return evt.fileno() if evt is not None else None
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Nothing here ever changes which fd a vector uses: no call is ever made."""
+
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        """See add_listener."""
+
 
 class VirtioInterrupt:
     """How a device signals the driver: used-buffer and config-change notifications.
@@ -122,6 +135,31 @@ class VirtioInterrupt:
         if value and self.intx is not None:
             self.intx.set_level(False)
         return value
+
+    def queue_irqfd(self, vector: int) -> int | None:
+        """The fd whose write is all signal_used_queue(vector) would do now, or None.
+
+        With MSI-X enabled and the vector deliverable that is the vector's irqfd (a
+        native data plane may write it without Python); with INTx, masking or no MSI-X
+        support, None: call signal_used_queue. Ask again after each add_route_listener
+        callback. Plugin API 1.2.
+        """
+        direct = getattr(self.msix, "direct_eventfd", None)
+        if direct is None or vector == VIRTIO_MSI_NO_VECTOR:
+            return None
+        return direct(vector)
+
+    def add_route_listener(self, callback: Callable[[], None]) -> None:
+        """Call callback whenever queue_irqfd() answers may have changed (MSI-X enable,
+        mask and table writes). It runs under the MSI-X lock: keep it short."""
+        add = getattr(self.msix, "add_listener", None)
+        if add is not None:
+            add(callback)
+
+    def remove_route_listener(self, callback: Callable[[], None]) -> None:
+        remove = getattr(self.msix, "remove_listener", None)
+        if remove is not None:
+            remove(callback)
 
     def poll_fds(self) -> dict[int, Callable[[], None]]:
         """Fds the device's worker must also wait on for the interrupt path to work."""

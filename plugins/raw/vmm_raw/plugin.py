@@ -11,7 +11,7 @@ from vmmcore.plugin_api import PluginSpec
 PLUGIN = PluginSpec(
     name="raw",
     kind="disk_format",
-    api_version="1.0",
+    api_version="1.2",
     summary="raw disk images: the file is the disk, byte for byte",
     options=(),
     policy="raw.policy",

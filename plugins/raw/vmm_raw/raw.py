@@ -30,7 +30,15 @@ import stat
 import threading
 from pathlib import Path
 
-from vmmcore.disk import Buffers, DiskCapabilities, DiskError, DiskFile, DiskFormat, DiskOpener
+from vmmcore.disk import (
+    Buffers,
+    DiskCapabilities,
+    DiskError,
+    DiskFile,
+    DiskFormat,
+    DiskOpener,
+    FileExtent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +161,14 @@ class RawDisk(DiskFile):
 
     def fds(self) -> list[int]:
         return [fd for fd in (self._fd, self._dfd) if fd >= 0]
+
+    def file_extent(self) -> FileExtent | None:
+        """The whole file is the disk: a native data plane may do our preadv/pwritev,
+        fdatasync and fallocate calls itself (plugin API 1.2)."""
+        if self._closed:
+            return None
+        return FileExtent(fd=self._fd, offset=0, direct_fd=self._dfd,
+                          block_device=self._is_block)
 
     def info(self) -> dict[str, object]:
         out = super().info()

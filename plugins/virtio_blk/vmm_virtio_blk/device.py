@@ -5,32 +5,61 @@ sector), then data (device-readable for OUT, device-writable for IN and GET_ID; 
 segments for DISCARD and WRITE_ZEROES), then one device-writable status byte, the last
 writable byte of the chain. Sectors are always 512 bytes, whatever blk_size says.
 
-Concurrency: the VirtioWorker thread pops chains (under the queue's lock) and hands each
-to a thread pool, so up to `io_threads` requests are in the disk at once; each request,
-when done, writes its status byte and, under the same per-queue lock, adds its used
-element and signals the queue. Completions therefore come back out of order, which the
-spec allows. Reset and shutdown wait for requests in flight before the queues (and guest
-memory) are dropped.
+Two engines serve the queues, chosen by the `engine` option:
 
-Errors: every guest-supplied number is checked. A request that has a writable status
-byte always gets one (IOERR for bad headers, lengths, sectors past the end, writes to a
-read-only disk, data in the wrong direction; UNSUPP for unknown types and flags); a
-chain without any writable byte cannot be answered and is a protocol violation
-(VirtqueueError -> DEVICE_NEEDS_RESET).
+* native (the default where the disk format hands out a plain file, i.e. raw): the C
+  data plane in _engine.c, set up by native.py. Its threads pop chains straight from
+  guest memory and do preadv/pwritev into it without the GIL (see native.py).
+* python (qcow2 and every other format, or engine=python): the VirtioWorker thread pops
+  chains (under the queue's lock) and hands each to a thread pool, so up to
+  `io_threads` requests are in the disk at once; each request (pyengine.execute), when
+  done, writes its status byte and, under the same per-queue lock, adds its used
+  element and signals the queue.
+
+Both complete out of order (the spec allows it), answer the same statuses for the same
+chains, and wait for requests in flight before reset and shutdown drop the queues.
+A chain without any writable byte cannot be answered and is a protocol violation
+(DEVICE_NEEDS_RESET), as is whatever the virtqueue itself refuses.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from vmm_virtio_blk import native, pyengine
+from vmm_virtio_blk.protocol import *  # noqa: F403 - re-exported: the tests and tools import from here
+from vmm_virtio_blk.protocol import (
+    CONFIG,
+    DEFAULT_QUEUE_SIZE,
+    DISCARD_GRANULARITY,
+    MAX_DISCARD_SECTORS,
+    MAX_DISCARD_SEG,
+    MAX_WRITE_ZEROES_SECTORS,
+    MAX_WRITE_ZEROES_SEG,
+    SECTOR_SHIFT,
+    SECTOR_SIZE,
+    SIZE_MAX,
+    VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    RequestError,
+    default_id,
+)
 from vmmcore.disk import DiskFile
 from vmmcore.errors import VmmError
 from vmmcore.eventfd import EventFd
@@ -39,7 +68,6 @@ from vmmcore.virtio import (
     DescriptorChain,
     DeviceType,
     Queue,
-    Reader,
     VirtioDevice,
     VirtioInterrupt,
     VirtqueueError,
@@ -48,87 +76,19 @@ from vmmcore.virtio import (
 
 log = logging.getLogger(__name__)
 
-SECTOR_SHIFT = 9
-SECTOR_SIZE = 1 << SECTOR_SHIFT
-
-# Feature bits (virtio 1.2, 5.2.3)
-VIRTIO_BLK_F_SIZE_MAX = 1
-VIRTIO_BLK_F_SEG_MAX = 2
-VIRTIO_BLK_F_GEOMETRY = 4
-VIRTIO_BLK_F_RO = 5
-VIRTIO_BLK_F_BLK_SIZE = 6
-VIRTIO_BLK_F_FLUSH = 9
-VIRTIO_BLK_F_TOPOLOGY = 10
-VIRTIO_BLK_F_CONFIG_WCE = 11
-VIRTIO_BLK_F_MQ = 12
-VIRTIO_BLK_F_DISCARD = 13
-VIRTIO_BLK_F_WRITE_ZEROES = 14
-
-# Request types (5.2.6)
-VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
-VIRTIO_BLK_T_FLUSH = 4
-VIRTIO_BLK_T_GET_ID = 8
-VIRTIO_BLK_T_GET_LIFETIME = 10
-VIRTIO_BLK_T_DISCARD = 11
-VIRTIO_BLK_T_WRITE_ZEROES = 13
-VIRTIO_BLK_T_SECURE_ERASE = 14
-
-# Status values
-VIRTIO_BLK_S_OK = 0
-VIRTIO_BLK_S_IOERR = 1
-VIRTIO_BLK_S_UNSUPP = 2
-
-VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
-VIRTIO_BLK_ID_BYTES = 20
-
-REQ_HEADER = struct.Struct("<IIQ")          # type, reserved (ioprio), sector
-SEGMENT = struct.Struct("<QII")             # sector, num_sectors, flags
-
-#: struct virtio_blk_config up to write_zeroes_may_unmap and its padding (60 bytes):
-#: capacity, size_max, seg_max, geometry (cylinders, heads, sectors), blk_size,
-#: topology (physical_block_exp, alignment_offset, min_io_size, opt_io_size),
-#: writeback, unused0, num_queues, max_discard_sectors, max_discard_seg,
-#: discard_sector_alignment, max_write_zeroes_sectors, max_write_zeroes_seg,
-#: write_zeroes_may_unmap, unused1[3].
-CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
-assert CONFIG.size == 60
-
-DEFAULT_QUEUE_SIZE = 256
-#: Largest single data segment the guest may use (SIZE_MAX).
-SIZE_MAX = 1 << 20
-#: DISCARD / WRITE_ZEROES limits: sectors per segment and segments per request.
-MAX_DISCARD_SECTORS = (1 << 22) - 8           # just under 2 GiB, 4 KiB aligned
-MAX_DISCARD_SEG = 32
-MAX_WRITE_ZEROES_SECTORS = (1 << 22) - 8
-MAX_WRITE_ZEROES_SEG = 32
-#: Discard granularity reported to the guest, in bytes (host file-system blocks).
-DISCARD_GRANULARITY = 4096
-
-
-def default_id(path: str | os.PathLike[str]) -> bytes:
-    """A stable 20-byte serial for a disk without id=: derived from its absolute path."""
-    digest = hashlib.sha1(os.fsencode(os.path.abspath(path))).hexdigest()
-    return digest[:VIRTIO_BLK_ID_BYTES].encode()
-
-
-class RequestError(Exception):
-    """A request the device answers with a status other than OK (not a protocol error)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-
+#: The `engine` option's values.
+ENGINES = ("auto", "native", "python")
 
 class VirtioBlock(VirtioDevice):
-    """virtio-blk (device type 2) over a DiskFile, with a pool of I/O threads."""
+    """virtio-blk (device type 2) over a DiskFile, served by the native or Python engine."""
 
     device_type = DeviceType.BLOCK
 
     def __init__(self, disk: DiskFile, *, read_only: bool | None = None,
                  block_size: int = SECTOR_SIZE, serial: bytes | str | None = None,
                  num_queues: int = 1, queue_size: int = DEFAULT_QUEUE_SIZE,
-                 sparse: bool = True, io_threads: int = 32, label: str = "virtio_blk") -> None:
+                 sparse: bool = True, io_threads: int = 32, label: str = "virtio_blk",
+                 engine: str = "auto") -> None:
         super().__init__()
         if block_size < SECTOR_SIZE or block_size & (block_size - 1):
             raise ValueError(f"block_size {block_size} is not a power of two >= 512")
@@ -138,6 +98,8 @@ class VirtioBlock(VirtioDevice):
             raise ValueError(f"queue_size {queue_size} is not a power of two in 2..32768")
         if io_threads < 1:
             raise ValueError("io_threads must be at least 1")
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
         self.disk = disk
         self.read_only = disk.read_only if read_only is None else (read_only or disk.read_only)
         self.block_size = block_size
@@ -165,14 +127,29 @@ class VirtioBlock(VirtioDevice):
         self.capacity = disk.size >> SECTOR_SHIFT
         self.config = bytearray(CONFIG.size)
         self._build_config()
+        self.engine = self._choose_engine(engine)
+        self._native: native.NativeEngine | None = None
         self._qlocks: list[threading.Lock] = []
         self._pool: ThreadPoolExecutor | None = None
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         #: run a lone request in the worker thread itself (see handle_queue)
         self.inline_single = True
-        self._writethrough = False
+        #: FLUSH not negotiated: the device is write-through (flush after every write)
+        self.writethrough = False
         self._failed = False
+
+    def _choose_engine(self, wanted: str) -> str:
+        """"native" where the disk is a plain file range and the C engine is built."""
+        if wanted == "python":
+            return "python"
+        why_not = native.unavailable_reason(self.disk.file_extent())
+        if why_not is None:
+            return "native"
+        if wanted == "native":
+            raise ValueError(f"engine=native is not possible for {self.disk.path} "
+                             f"({self.disk.format_name}): {why_not}")
+        return "python"
 
     @property
     def name(self) -> str:
@@ -244,32 +221,56 @@ class VirtioBlock(VirtioDevice):
         """The disk was resized: update capacity and tell the driver."""
         self.capacity = size_bytes >> SECTOR_SHIFT
         struct.pack_into("<Q", self.config, 0, self.capacity)
+        if self._native is not None:
+            self._native.set_capacity(self.capacity)
         self.config_changed()
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def activate(self, mem: GuestMemory, interrupt: VirtioInterrupt, queues: list[Queue],
                  queue_evts: list[EventFd]) -> None:
-        self._qlocks = [threading.Lock() for _ in queues]
         self._failed = False
         # Without FLUSH negotiated the device must behave write-through.
-        self._writethrough = not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1
+        self.writethrough = not self.acked_features >> VIRTIO_BLK_F_FLUSH & 1
+        if self.engine == "native":
+            self.mem, self.interrupt = mem, interrupt
+            self.queues, self.queue_evts = list(queues), list(queue_evts)
+            extent = self.disk.file_extent()
+            assert extent is not None         # _choose_engine checked it
+            self._native = native.NativeEngine(self, extent)
+            try:
+                self._native.start(mem, interrupt, queues, queue_evts)
+            except BaseException:
+                self._stop_native()
+                raise
+            return
+        self._qlocks = [threading.Lock() for _ in queues]
         self._pool = ThreadPoolExecutor(max_workers=self.io_threads,
                                         thread_name_prefix=f"{self._label}-io")
         super().activate(mem, interrupt, queues, queue_evts)
 
-    def _drain(self) -> None:
-        """Wait for every request in flight, then drop the pool."""
+    def _drain(self) -> bool:
+        """Wait for every request in flight, then drop the pool (or the native engine)."""
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+        return self._stop_native()
+
+    def _stop_native(self) -> bool:
+        engine, self._native = self._native, None
+        return engine.stop() if engine is not None else True
+
+    def engine_stats(self) -> dict[str, int]:
+        """The native engine's counters while it runs ({} for the Python engine)."""
+        engine = self._native
+        return engine.stats() if engine is not None else {}
 
     def reset(self) -> bool:
         stopped = True
         if self.worker is not None:
             stopped = self.worker.stop()
             self.worker = None
-        self._drain()
+        stopped = self._drain() and stopped
         return super().reset() and stopped
 
     def shutdown(self) -> None:
@@ -331,6 +332,8 @@ class VirtioBlock(VirtioDevice):
 
     def in_flight(self) -> int:
         """Requests dispatched and not yet completed."""
+        if self._native is not None:
+            return self._native.in_flight()
         with self._inflight_lock:
             return self._inflight
 
@@ -341,7 +344,7 @@ class VirtioBlock(VirtioDevice):
             return
         try:
             try:
-                written = self.execute(mem, chain)
+                written = pyengine.execute(self, mem, chain)
                 status = VIRTIO_BLK_S_OK
             except RequestError as e:
                 status, written = e.status, 0
@@ -368,134 +371,6 @@ class VirtioBlock(VirtioDevice):
             except Exception:
                 log.exception("virtio %s: signalling NEEDS_RESET failed", self._label)
 
-    # -- requests ------------------------------------------------------------------------------
-
-    def execute(self, mem: GuestMemory, chain: DescriptorChain) -> int:
-        """Carry out one request; return the data bytes written to the guest.
-
-        Raises RequestError for a request answered with IOERR or UNSUPP. The chain has at
-        least one writable byte (its status), checked by handle_queue.
-        """
-        if chain.readable_after_writable:
-            raise RequestError(VIRTIO_BLK_S_IOERR,
-                               "device-readable descriptor after a device-writable one")
-        if chain.readable_len < REQ_HEADER.size:
-            raise RequestError(VIRTIO_BLK_S_IOERR,
-                               f"request header is {chain.readable_len} bytes, not 16")
-        reader = Reader(mem, chain)
-        rtype, _reserved, sector = reader.read_obj(REQ_HEADER)
-        writer = Writer(mem, chain)
-        writer.split_at(chain.writable_len - 1)       # writer now covers the data only
-        in_len = writer.available_bytes()
-        out_len = reader.available_bytes()
-
-        if rtype == VIRTIO_BLK_T_IN:
-            if out_len:
-                raise RequestError(VIRTIO_BLK_S_IOERR, f"read request with {out_len} bytes "
-                                   "of device-readable data")
-            offset = self._data_range(sector, in_len)
-            views = writer.views(in_len)
-            try:
-                self.disk.read_into(offset, views)
-            finally:
-                _release(views)
-            return in_len
-
-        if rtype == VIRTIO_BLK_T_OUT:
-            if self.read_only:
-                raise RequestError(VIRTIO_BLK_S_IOERR, "write to a read-only disk")
-            if in_len:
-                raise RequestError(VIRTIO_BLK_S_IOERR, f"write request with {in_len} bytes "
-                                   "of device-writable data")
-            offset = self._data_range(sector, out_len)
-            views = reader.views(out_len)
-            try:
-                self.disk.write_from(offset, views)
-            finally:
-                _release(views)
-            if self._writethrough:
-                self.disk.flush()
-            return 0
-
-        if rtype == VIRTIO_BLK_T_FLUSH:
-            self.disk.flush()
-            return 0
-
-        if rtype == VIRTIO_BLK_T_GET_ID:
-            if in_len < VIRTIO_BLK_ID_BYTES:
-                raise RequestError(VIRTIO_BLK_S_IOERR, f"GET_ID buffer of {in_len} bytes, "
-                                   f"needs {VIRTIO_BLK_ID_BYTES}")
-            writer.write_all(self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0"))
-            return VIRTIO_BLK_ID_BYTES
-
-        if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
-            discard = rtype == VIRTIO_BLK_T_DISCARD
-            supported = self.can_discard if discard else self.can_write_zeroes
-            if self.read_only:
-                raise RequestError(VIRTIO_BLK_S_IOERR, "discard/write-zeroes to a read-only disk")
-            if not supported:
-                raise RequestError(VIRTIO_BLK_S_UNSUPP, "discard/write-zeroes not offered")
-            segments = self._segments(reader, out_len, discard)
-            for offset, length, unmap in segments:
-                if discard:
-                    self.disk.discard(offset, length)
-                else:
-                    self.disk.write_zeroes(offset, length, may_unmap=unmap and self.may_unmap)
-            if self._writethrough and not discard:
-                self.disk.flush()
-            return 0
-
-        raise RequestError(VIRTIO_BLK_S_UNSUPP, f"unsupported request type {rtype}")
-
-    def _data_range(self, sector: int, length: int) -> int:
-        """The byte offset of an IN/OUT request, after checking it lies on the disk."""
-        if length % SECTOR_SIZE:
-            raise RequestError(VIRTIO_BLK_S_IOERR,
-                               f"data length {length} is not a multiple of 512")
-        nsectors = length >> SECTOR_SHIFT
-        if sector > self.capacity or nsectors > self.capacity - sector:
-            raise RequestError(VIRTIO_BLK_S_IOERR,
-                               f"sectors {sector}+{nsectors} are past the end of the "
-                               f"{self.capacity}-sector disk")
-        return sector << SECTOR_SHIFT
-
-    def _segments(self, reader: Reader, out_len: int,
-                  discard: bool) -> list[tuple[int, int, bool]]:
-        """Parse and check every DISCARD/WRITE_ZEROES segment before doing any of them."""
-        max_seg = MAX_DISCARD_SEG if discard else MAX_WRITE_ZEROES_SEG
-        max_sectors = MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS
-        what = "discard" if discard else "write-zeroes"
-        if out_len == 0 or out_len % SEGMENT.size:
-            raise RequestError(VIRTIO_BLK_S_IOERR, f"{what} payload of {out_len} bytes is "
-                               "not a non-zero multiple of 16")
-        count = out_len // SEGMENT.size
-        if count > max_seg:
-            raise RequestError(VIRTIO_BLK_S_IOERR, f"{what} with {count} segments "
-                               f"(max {max_seg})")
-        out = []
-        for _ in range(count):
-            sector, nsectors, flags = reader.read_obj(SEGMENT)
-            if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
-                raise RequestError(VIRTIO_BLK_S_UNSUPP, f"{what}: unknown flags {flags:#x}")
-            unmap = bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
-            if discard and unmap:
-                raise RequestError(VIRTIO_BLK_S_UNSUPP, "discard with the unmap flag")
-            if nsectors > max_sectors:
-                raise RequestError(VIRTIO_BLK_S_IOERR, f"{what} of {nsectors} sectors "
-                                   f"(max {max_sectors})")
-            if sector > self.capacity or nsectors > self.capacity - sector:
-                raise RequestError(VIRTIO_BLK_S_IOERR,
-                                   f"{what} of sectors {sector}+{nsectors} past the end "
-                                   f"of the {self.capacity}-sector disk")
-            out.append((sector << SECTOR_SHIFT, nsectors << SECTOR_SHIFT, unmap))
-        return out
-
-
-def _release(views: Sequence[memoryview]) -> None:
-    for v in views:
-        v.release()
-
-
 def create(options: dict[str, Any], ctx: Any = None) -> VirtioBlock:
     """The plugin factory: open the disk image and build the device.
 
@@ -521,7 +396,7 @@ def create(options: dict[str, Any], ctx: Any = None) -> VirtioBlock:
                            queue_size=int(options.get("queue_size") or DEFAULT_QUEUE_SIZE),
                            sparse=bool(options.get("sparse", True)),
                            io_threads=int(options.get("io_threads") or 32),
-                           label=str(label))
+                           label=str(label), engine=str(options.get("engine") or "auto"))
     except BaseException:
         disk.close()
         raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmmcore.plugin_api import Bool, Int, Path, PluginSpec, Size, Str
+from vmmcore.plugin_api import Bool, Enum, Int, Path, PluginSpec, Size, Str
 
 
 def _validate(options: dict[str, Any]) -> None:
@@ -33,7 +33,7 @@ def _validate(options: dict[str, Any]) -> None:
 PLUGIN = PluginSpec(
     name="virtio_blk",
     kind="device",
-    api_version="1.1",
+    api_version="1.2",
     summary="virtio block device backed by a disk image (raw, qcow2, ... plugins)",
     options=(
         Path("path", required=True, must_exist=True, help="The disk image file."),
@@ -52,6 +52,9 @@ PLUGIN = PluginSpec(
             help="Entries per virtqueue (a power of two)."),
         Int("io_threads", default=32, min=1, max=256,
             help="Threads serving requests concurrently (the real queue depth)."),
+        Enum("engine", ("auto", "native", "python"), default="auto",
+             help="Request path: native (C, GIL-free; formats that map the disk onto one "
+                  "file, i.e. raw), python (any format), or auto (native where it can)."),
     ),
     positional="path",
     policy="virtio_blk.policy",
