@@ -1,4 +1,4 @@
-"""The virtio-gpu device model, 2D mode (virtio 1.2, section 5.7).
+"""The virtio-gpu device model, 2D mode (virtio 1.2, section 5.7); device3d adds virgl.
 
 Two queues: controlq (0) carries the 2D command set, cursorq (1) UPDATE_CURSOR and
 MOVE_CURSOR. Resources live on the host as numpy arrays in the guest's pixel format;
@@ -21,17 +21,18 @@ specification allows for a device without asynchronous work.
 
 from __future__ import annotations
 
-import bisect
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from vmm_virtio_gpu import protocol as p
+from vmm_virtio_gpu.backing import Backing
+from vmm_virtio_gpu.control import GpuControl
 from vmm_virtio_gpu.edid import build_edid
+from vmm_virtio_gpu.protocol import GpuError
 from vmmcore.display import Display
 from vmmcore.virtio import DeviceType, Reader, VirtioDevice, Writer
 
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 
 #: host memory all 2D resources together may use
 MAX_RESOURCE_BYTES = 512 << 20
-#: largest scatter list one RESOURCE_ATTACH_BACKING may carry
-MAX_BACKING_ENTRIES = 1 << 16
 #: largest width or height of a resource
 MAX_DIMENSION = 16384
 #: the cursor image is at most this many pixels square (Linux uses 64x64)
@@ -60,14 +59,6 @@ def _rgb_slice(r: int, g: int, b: int) -> slice | list[int]:
 _RGB_SLICE = {fmt: _rgb_slice(r, g, b) for fmt, (_, r, g, b, _a) in p.FORMATS.items()}
 
 
-class GpuError(Exception):
-    """A command failed: carries the error response type."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 @dataclass
 class Resource:
     """A 2D resource: pixels[row, byte] in the guest's format, and its backing list."""
@@ -77,9 +68,7 @@ class Resource:
     width: int
     height: int
     pixels: np.ndarray
-    backing: list[tuple[int, int]] | None = None
-    backing_starts: list[int] = field(default_factory=list)   # prefix sums, for bisect
-    backing_len: int = 0
+    backing: Backing | None = None
 
     @property
     def stride(self) -> int:
@@ -105,7 +94,7 @@ def _rect_inside(x: int, y: int, w: int, h: int, width: int, height: int) -> boo
     return x + w <= width and y + h <= height
 
 
-class VirtioGpu(VirtioDevice):
+class VirtioGpu(GpuControl, VirtioDevice):
     """virtio-gpu in 2D mode, showing its scanouts on a Display."""
 
     device_type = DeviceType.GPU
@@ -127,6 +116,7 @@ class VirtioGpu(VirtioDevice):
         self.events_read = 0
         self.num_capsets = 0
         self.last_fence: tuple[int, int] | None = None      # (fence_id, ctx_id)
+        self.cmd_ctx_id = 0                                  # of the command being run
         self.errors: list[tuple[str, int, str]] = []         # (command, code, why), recent
         self._update_config()
 
@@ -171,6 +161,7 @@ class VirtioGpu(VirtioDevice):
             self._note("short", p.RESP_ERR_UNSPEC, "request shorter than its header")
             return writer.write(p.CTRL_HDR.pack(p.RESP_ERR_UNSPEC, 0, 0, 0, 0))
         ctype, flags, fence_id, ctx_id, ring_idx = reader.read_obj(p.CTRL_HDR)
+        self.cmd_ctx_id = ctx_id               # the 3D commands address a context by it
         name = p.COMMAND_NAMES.get(ctype, f"{ctype:#x}")
         try:
             if cursor:
@@ -192,7 +183,7 @@ class VirtioGpu(VirtioDevice):
         out_flags = 0
         if flags & p.FLAG_FENCE:
             out_flags = p.FLAG_FENCE | (flags & p.FLAG_INFO_RING_IDX)
-            self.last_fence = (fence_id, ctx_id)
+            self._complete_fence(fence_id, ctx_id)
         else:
             fence_id = 0
         hdr = p.CTRL_HDR.pack(rtype, out_flags, fence_id, ctx_id,
@@ -200,6 +191,11 @@ class VirtioGpu(VirtioDevice):
         if cursor and not writer.available_bytes():
             return 0        # cursor commands normally carry no response buffer
         return writer.write(hdr + payload)
+
+    def _complete_fence(self, fence_id: int, ctx_id: int) -> None:
+        """Called before a fenced command's response: in 2D the command's work is done
+        already, so the response itself signals the fence."""
+        self.last_fence = (fence_id, ctx_id)
 
     def _note(self, command: str, code: int, why: str) -> None:
         log.debug("virtio-gpu %s: %s -> %#x (%s)", self.label, command, code, why)
@@ -270,9 +266,13 @@ class VirtioGpu(VirtioDevice):
                 self._disable_scanout(index)
             if s.cursor_resource == rid:
                 s.cursor_resource = 0
+        self._release(res)
         del self.resources[rid]
         self.resource_bytes -= res.nbytes
         return p.RESP_OK_NODATA, b""
+
+    def _release(self, res: Resource) -> None:
+        """A resource is being unreferenced (2D: its pixels are simply dropped)."""
 
     def _disable_scanout(self, index: int) -> None:
         s = self.scanouts[index]
@@ -280,7 +280,10 @@ class VirtioGpu(VirtioDevice):
         self.display.set_scanout(index, 0, 0)
 
     def _set_scanout(self, reader: Reader) -> tuple[int, bytes]:
-        x, y, w, h, scanout_id, rid = self._body(reader, p.SET_SCANOUT)
+        return self._apply_scanout(*self._body(reader, p.SET_SCANOUT))
+
+    def _apply_scanout(self, x: int, y: int, w: int, h: int, scanout_id: int,
+                       rid: int) -> tuple[int, bytes]:
         index = self._scanout_index(scanout_id)
         if rid == 0:
             self._disable_scanout(index)
@@ -315,8 +318,13 @@ class VirtioGpu(VirtioDevice):
         x1, y1 = min(x + w, sx + sw), min(y + h, sy + sh)
         if x1 <= x0 or y1 <= y0:
             return False
+        self._fetch(res, x0, y0, x1 - x0, y1 - y0)
         self.display.update(index, x0 - sx, y0 - sy, self._rgb(res, x0, y0, x1 - x0, y1 - y0))
         return True
+
+    def _fetch(self, res: Resource, x: int, y: int, w: int, h: int) -> None:
+        """Bring res.pixels of a rectangle up to date before it is shown (2D: they are;
+        TRANSFER_TO_HOST_2D wrote them)."""
 
     @staticmethod
     def _rgb(res: Resource, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -349,59 +357,26 @@ class VirtioGpu(VirtioDevice):
             return p.RESP_OK_NODATA, b""
         stride, row = res.stride, w * p.BYTES_PER_PIXEL
         end = offset + (h - 1) * stride + row
-        if end > res.backing_len:
+        if end > res.backing.length:
             raise GpuError(p.RESP_ERR_INVALID_PARAMETER,
                            f"transfer reads backing bytes {offset}..{end}, backing has "
-                           f"{res.backing_len}")
-        flat = self._gather(res, offset, end)
+                           f"{res.backing.length}")
+        assert self.mem is not None
+        flat = res.backing.gather(self.mem, offset, end)
         rows = as_strided(flat, shape=(h, row), strides=(stride, 1),
                                                writeable=False)
         res.pixels[y:y + h, x * 4:x * 4 + row] = rows
         return p.RESP_OK_NODATA, b""
-
-    def _gather(self, res: Resource, start: int, end: int) -> np.ndarray:
-        """Backing bytes [start, end) as one uint8 array (zero-copy when contiguous)."""
-        assert res.backing is not None and self.mem is not None
-        i = bisect.bisect_right(res.backing_starts, start) - 1
-        pieces = []
-        pos = start
-        while pos < end:
-            addr, length = res.backing[i]
-            skip = pos - res.backing_starts[i]
-            take = min(length - skip, end - pos)
-            if take > 0:
-                pieces.append(np.frombuffer(self.mem.slice(addr + skip, take), np.uint8))
-                pos += take
-            i += 1
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def _attach_backing(self, reader: Reader) -> tuple[int, bytes]:
         rid, count = self._body(reader, p.ATTACH_BACKING)
         res = self._resource(rid)
         if res.backing is not None:
             raise GpuError(p.RESP_ERR_UNSPEC, f"resource {rid} already has a backing")
-        if count == 0 or count > MAX_BACKING_ENTRIES:
-            raise GpuError(p.RESP_ERR_INVALID_PARAMETER,
-                           f"{count} backing entries (1..{MAX_BACKING_ENTRIES})")
-        size = count * p.MEM_ENTRY.size
-        if reader.available_bytes() < size:
-            raise GpuError(p.RESP_ERR_INVALID_PARAMETER,
-                           f"{count} backing entries announced, "
-                           f"{reader.available_bytes() // p.MEM_ENTRY.size} present")
         assert self.mem is not None
-        backing, starts, total = [], [], 0
-        for addr, length in p.MEM_ENTRY.iter_unpack(reader.read(size)):
-            if length == 0:
-                continue
-            if not self.mem.is_valid_range(addr, length):
-                raise GpuError(p.RESP_ERR_UNSPEC,
-                               f"backing entry {addr:#x}+{length:#x} is outside guest RAM")
-            backing.append((addr, length))
-            starts.append(total)
-            total += length
-        if not backing:
-            raise GpuError(p.RESP_ERR_INVALID_PARAMETER, "backing entries are all empty")
-        res.backing, res.backing_starts, res.backing_len = backing, starts, total
+        backing = Backing.read(reader, count, self.mem)
+        self._attach(res, backing)
+        res.backing = backing
         return p.RESP_OK_NODATA, b""
 
     def _detach_backing(self, reader: Reader) -> tuple[int, bytes]:
@@ -409,8 +384,15 @@ class VirtioGpu(VirtioDevice):
         res = self._resource(rid)
         if res.backing is None:
             raise GpuError(p.RESP_ERR_UNSPEC, f"resource {rid} has no backing")
-        res.backing, res.backing_starts, res.backing_len = None, [], 0
+        self._detach(res)
+        res.backing = None
         return p.RESP_OK_NODATA, b""
+
+    def _attach(self, res: Resource, backing: Backing) -> None:
+        """A checked backing is being attached (2D reads it at TRANSFER_TO_HOST_2D)."""
+
+    def _detach(self, res: Resource) -> None:
+        """res.backing is being detached (2D: nothing holds on to it)."""
 
     def _get_capset_info(self, reader: Reader) -> tuple[int, bytes]:
         (index,) = self._body(reader, p.GET_CAPSET_INFO)
@@ -453,61 +435,13 @@ class VirtioGpu(VirtioDevice):
             w, h = min(res.width, CURSOR_SIZE), min(res.height, CURSOR_SIZE)
             hot_x, hot_y = min(hot_x, w - 1), min(hot_y, h - 1)
             s.cursor_resource = rid
-            self.display.set_cursor(index, self._rgba(res, 0, 0, w, h).copy(), hot_x, hot_y)
+            self.display.set_cursor(index, self._cursor_image(res, w, h), hot_x, hot_y)
         self.display.move_cursor(index, x, y)
         return p.RESP_OK_NODATA, b""
 
-    # -- control socket (vmmcore.control_socket's device-control contract) -------------------
-
-    control_commands = ("screenshot", "key", "pointer", "status")
-
-    def control(self, command: str, args: dict) -> dict:
-        """`vmm gpu screenshot` and the generic `device` command: runs in a control thread.
-
-        screenshot {scanout=0, cursor=false}  -> {"png": bytes, width, height, scanout}
-        key {code, down}                      a Linux key code into the keyboard input
-        pointer {x, y, scanout=0, buttons={"left": bool, ...}}  into the tablet/mouse
-        status {}                             -> scanouts, resources, recent errors
-        """
-        if command == "screenshot":
-            index = self._control_scanout(args)
-            frame = self.display.snapshot(index)
-            if frame is None:
-                raise ValueError(f"scanout {index} is not enabled (the guest shows nothing)")
-            return {"png": self.display.screenshot(index, bool(args.get("cursor", False))),
-                    "width": int(frame.shape[1]), "height": int(frame.shape[0]),
-                    "scanout": index}
-        if command == "key":
-            code = int(args["code"])
-            if not 0 < code < 0x300:
-                raise ValueError(f"key code {code} is not a Linux key code")
-            if not self.display.key(code, bool(args.get("down", True))):
-                raise ValueError("no keyboard is attached (window_keyboard=true)")
-            return {}
-        if command == "pointer":
-            from vmmcore.display import BTN_LEFT, BTN_MIDDLE, BTN_RIGHT
-
-            names = {"left": BTN_LEFT, "right": BTN_RIGHT, "middle": BTN_MIDDLE}
-            buttons = args.get("buttons") or {}
-            if not isinstance(buttons, dict) or set(buttons) - set(names):
-                raise ValueError(f"buttons must map {', '.join(names)} to true/false")
-            if not self.display.pointer_absolute(
-                    self._control_scanout(args), int(args["x"]), int(args["y"]),
-                    {names[k]: bool(v) for k, v in buttons.items()}):
-                raise ValueError("no pointer is attached (window_mouse=true)")
-            return {}
-        if command == "status":
-            return {"scanouts": [{"resource": s.resource_id, "rect": list(s.rect),
-                                  "mode": [s.width, s.height]} for s in self.scanouts],
-                    "resources": len(self.resources), "resource_bytes": self.resource_bytes,
-                    "errors": [list(e) for e in self.errors[-8:]]}
-        raise ValueError(f"unknown command {command!r}")
-
-    def _control_scanout(self, args: dict) -> int:
-        index = int(args.get("scanout", 0))
-        if not 0 <= index < len(self.scanouts):
-            raise ValueError(f"scanout {index} does not exist (0..{len(self.scanouts) - 1})")
-        return index
+    def _cursor_image(self, res: Resource, w: int, h: int) -> np.ndarray:
+        """The top-left w x h of a resource as RGBA (a copy the display may keep)."""
+        return self._rgba(res, 0, 0, w, h).copy()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -535,32 +469,3 @@ class VirtioGpu(VirtioDevice):
     def shutdown(self) -> None:
         super().shutdown()
         self.display.close()
-
-
-def create(options: Mapping[str, Any], ctx: Any) -> VirtioGpu:
-    """The PluginSpec factory: a GPU with its display backend (and window inputs)."""
-    from vmmcore.display import DisplayOptions, input_channel, open_display
-
-    if options.get("backend", "2d") == "virglrenderer":
-        from vmm_virtio_gpu.virgl import check_virglrenderer
-
-        check_virglrenderer()
-    if options.get("hostmem"):
-        from vmmcore.errors import ConfigError
-
-        raise ConfigError("virtio-gpu hostmem: blob resources (the host-visible memory "
-                          "region) are not implemented yet; leave hostmem=0")
-    name = getattr(ctx, "name", "virtio_gpu0")
-    display = open_display(options.get("display", "headless"), DisplayOptions(
-        name=name, width=options["width"], height=options["height"],
-        num_scanouts=options.get("num_scanouts", 1),
-        refresh_rate=options.get("refresh_rate", 60),
-        screenshot=options.get("screenshot"),
-        extra={"listen": options.get("listen") or ""}))
-    if options.get("window_keyboard"):
-        display.attach_input("keyboard", input_channel(f"{name}/keyboard"))
-    if options.get("window_mouse"):
-        display.attach_input("tablet", input_channel(f"{name}/tablet"))
-    return VirtioGpu(display, options["width"], options["height"],
-                     num_scanouts=options.get("num_scanouts", 1),
-                     refresh_rate=options.get("refresh_rate", 60), label=name)

@@ -53,7 +53,7 @@ PLUGIN = PluginSpec(
                   "(crosvm's --display-window-mouse)."),
     ),
     policy="virtio_gpu.policy",
-    factory="vmm_virtio_gpu.device:create",
+    factory="vmm_virtio_gpu.factory:create",
     policy_with=("display",),                 # the display backend runs in its process
     validate=_validate,
 )

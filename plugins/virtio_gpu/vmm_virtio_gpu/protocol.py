@@ -105,16 +105,38 @@ ATTACH_BACKING = struct.Struct("<II")                # resource_id, nr_entries
 MEM_ENTRY = struct.Struct("<QI4x")                   # addr, length, padding
 GET_EDID = struct.Struct("<I4x")                     # scanout, padding
 GET_CAPSET_INFO = struct.Struct("<I4x")              # capset_index, padding
+GET_CAPSET = struct.Struct("<II")                    # capset_id, capset_version
+# 3D bodies: ctx_create (nlen, context_init, debug_name[64]); ctx_attach/detach_resource
+# and submit_3d (resource_id or size, padding); resource_create_3d (resource_id, target,
+# format, bind, width, height, depth, array_size, last_level, nr_samples, flags,
+# padding); transfer_to/from_host_3d (box x y z w h d, offset, resource_id, level,
+# stride, layer_stride)
+CTX_CREATE = struct.Struct("<II64s")
+CTX_RESOURCE = struct.Struct("<I4x")
+SUBMIT_3D = struct.Struct("<I4x")
+RESOURCE_CREATE_3D = struct.Struct("<11I4x")
+TRANSFER_HOST_3D = struct.Struct("<6IQ4I")
 # cursor: struct virtio_gpu_cursor_pos (scanout_id, x, y, padding), resource_id, hot_x,
 # hot_y, padding
 UPDATE_CURSOR = struct.Struct("<IiiIIII4x")
 # responses
 DISPLAY_ONE = struct.Struct("<IIIIII")               # rect, enabled, flags
 RESP_EDID_HEAD = struct.Struct("<I4x")               # size, padding; then edid[1024]
+RESP_CAPSET_INFO = struct.Struct("<III4x")           # capset_id, max_version, max_size
 EDID_MAX = 1024
 
 # config space: events_read, events_clear, num_scanouts, num_capsets
 CONFIG = struct.Struct("<IIII")
+
+
+
+class GpuError(Exception):
+    """A command failed: carries the error response type (RESP_ERR_*)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
 
 COMMAND_NAMES = {v: k[4:] for k, v in globals().items()
                  if k.startswith("CMD_") and isinstance(v, int)}

@@ -1,0 +1,346 @@
+"""virtio-gpu with VIRTIO_GPU_F_VIRGL against the real virglrenderer (llvmpipe here).
+
+The test plays Linux's virtio_gpu driver plus Mesa's virgl driver: it creates a context
+and a render target, submits a virgl command stream encoded by hand from
+virglrenderer's virgl_protocol.h (a surface, the framebuffer state, a CLEAR), reads the
+result back with TRANSFER_FROM_HOST_3D, and shows it on the headless display. The
+hostile part sends bad ids, boxes, backings and garbage command streams, and expects
+error responses with the device still serving.
+
+Skipped only where virglrenderer cannot initialise at all (the reason is printed).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from test_virtio_gpu_device import GpuDriver, hdr, needs_headless, png_pixels
+from vmm_virtio_gpu import protocol as p
+from vmm_virtio_gpu.device3d import VirglGpu
+from vmm_virtio_gpu.virgl import CAPSET_VIRGL, CAPSET_VIRGL2, VirglUnavailable
+
+from vmmcore.display import Display, DisplayOptions
+from vmmcore.virtio.testing import DeviceHarness
+
+MiB = 1 << 20
+W, H = 64, 48
+CTX = 5
+BGRA = p.FORMAT_B8G8R8A8_UNORM
+PIPE_TEXTURE_2D = 2
+BIND_RENDER_TARGET, BIND_SAMPLER_VIEW = 1 << 1, 1 << 3
+# virgl_protocol.h: command header = cmd | object << 8 | length (dwords after it) << 16
+CCMD_CREATE_OBJECT, CCMD_SET_FRAMEBUFFER_STATE, CCMD_CLEAR = 1, 5, 7
+OBJECT_SURFACE = 8          # enum virgl_object_type (after the single SHADER type)
+PIPE_CLEAR_COLOR0 = 1 << 2
+#: the clear colour, chosen so that float -> unorm8 is exact: RGBA bytes 51 102 153 255
+RGBA = (51, 102, 153, 255)
+
+
+def virgl_probe() -> None:
+    """Skip (saying why) only where virglrenderer cannot initialise on this host."""
+    from vmm_virtio_gpu.virgl import check_virglrenderer
+
+    try:
+        check_virglrenderer()
+    except VirglUnavailable as e:
+        pytest.skip(f"virglrenderer cannot initialise here: {e}")
+
+
+def ccmd(cmd: int, obj: int, *dwords: int) -> bytes:
+    return struct.pack(f"<{1 + len(dwords)}I", cmd | obj << 8 | len(dwords) << 16, *dwords)
+
+
+def f32(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def clear_stream(res_id: int, surface: int = 1) -> bytes:
+    """A surface on res_id as colour buffer 0, then CLEAR to RGBA."""
+    depth = struct.unpack("<II", struct.pack("<d", 1.0))
+    return (ccmd(CCMD_CREATE_OBJECT, OBJECT_SURFACE, surface, res_id, BGRA, 0, 0)
+            + ccmd(CCMD_SET_FRAMEBUFFER_STATE, 0, 1, 0, surface)
+            + ccmd(CCMD_CLEAR, 0, PIPE_CLEAR_COLOR0, *(f32(c / 255) for c in RGBA),
+                   *depth, 0))
+
+
+class Gpu3dDriver(GpuDriver):
+    """The 3D commands, as Linux's virtio_gpu sends them."""
+
+    def ctx_create(self, ctx: int, name: bytes = b"test") -> int:
+        return self.send(hdr(p.CMD_CTX_CREATE, ctx=ctx),
+                         p.CTX_CREATE.pack(len(name), 0, name))[0]
+
+    def ctx_attach(self, ctx: int, rid: int) -> int:
+        return self.send(hdr(p.CMD_CTX_ATTACH_RESOURCE, ctx=ctx), p.CTX_RESOURCE.pack(rid))[0]
+
+    def create_3d(self, rid: int, w: int = W, h: int = H, target: int = PIPE_TEXTURE_2D,
+                  fmt: int = BGRA, depth: int = 1, array_size: int = 1,
+                  last_level: int = 0) -> int:
+        return self.send(hdr(p.CMD_RESOURCE_CREATE_3D), p.RESOURCE_CREATE_3D.pack(
+            rid, target, fmt, BIND_RENDER_TARGET | BIND_SAMPLER_VIEW, w, h, depth,
+            array_size, last_level, 0, 0))[0]
+
+    def submit(self, ctx: int, stream: bytes, size: int | None = None,
+               fence: int = 0) -> int:
+        flags = p.FLAG_FENCE if fence else 0
+        return self.send(hdr(p.CMD_SUBMIT_3D, flags, fence, ctx),
+                         p.SUBMIT_3D.pack(len(stream) if size is None else size), stream)[0]
+
+    def transfer_3d(self, cmd: int, ctx: int, rid: int, box: tuple[int, ...],
+                    offset: int = 0, level: int = 0, stride: int = W * 4,
+                    fence: int = 0) -> int:
+        flags = p.FLAG_FENCE if fence else 0
+        return self.send(hdr(cmd, flags, fence, ctx), p.TRANSFER_HOST_3D.pack(
+            *box, offset, rid, level, stride, 0))[0]
+
+
+@pytest.fixture
+def display():
+    return Display(DisplayOptions(width=W, height=H))
+
+
+@pytest.fixture
+def gpu(display):
+    virgl_probe()
+    harness = DeviceHarness(VirglGpu(display, W, H), mem_size=16 * MiB)
+    harness.activate(1 << p.VIRTIO_GPU_F_VIRGL)
+    yield Gpu3dDriver(harness)
+    harness.close()
+
+
+def render_target(gpu: Gpu3dDriver, rid: int = 1) -> list[tuple[int, int]]:
+    """Context CTX, a W x H BGRA render target attached to it, with a guest backing."""
+    assert gpu.ctx_create(CTX) == p.RESP_OK_NODATA
+    assert gpu.create_3d(rid) == p.RESP_OK_NODATA
+    entries = gpu.backing(W * H * 4, pieces=3)
+    assert gpu.attach(rid, entries) == p.RESP_OK_NODATA
+    assert gpu.ctx_attach(CTX, rid) == p.RESP_OK_NODATA
+    return entries
+
+
+def backing_bytes(gpu: Gpu3dDriver, entries: list[tuple[int, int]]) -> bytes:
+    return b"".join(gpu.h.mem.read(a, n) for a, n in entries)
+
+
+def expected(w: int = W, h: int = H) -> np.ndarray:
+    return np.tile(np.array(RGBA[:3], np.uint8), (h, w, 1))
+
+
+def clear_and_read_back(gpu: Gpu3dDriver, rid: int = 1) -> np.ndarray:
+    """Clear the render target on the host GPU; TRANSFER_FROM_HOST_3D; the BGRA pixels."""
+    entries = render_target(gpu, rid)
+    assert gpu.submit(CTX, clear_stream(rid), fence=1) == p.RESP_OK_NODATA
+    assert gpu.transfer_3d(p.CMD_TRANSFER_FROM_HOST_3D, CTX, rid, (0, 0, 0, W, H, 1),
+                           fence=2) == p.RESP_OK_NODATA
+    return np.frombuffer(backing_bytes(gpu, entries), np.uint8).reshape(H, W, 4)
+
+
+# ------------------------------------------------------------------------------ basics
+
+
+def test_offers_virgl_and_two_capsets(gpu):
+    dev = gpu.h.device
+    assert dev.features() & (1 << p.VIRTIO_GPU_F_VIRGL)
+    assert p.CONFIG.unpack(dev.read_config(0, 16))[3] == 2
+
+
+def test_capset_info_and_data(gpu):
+    infos = []
+    for index in (0, 1):
+        code, data = gpu.send(hdr(p.CMD_GET_CAPSET_INFO), p.GET_CAPSET_INFO.pack(index),
+                              resp=HDR_SIZE + p.RESP_CAPSET_INFO.size)
+        assert code == p.RESP_OK_CAPSET_INFO
+        infos.append(p.RESP_CAPSET_INFO.unpack_from(data, HDR_SIZE))
+    assert [i[0] for i in infos] == [CAPSET_VIRGL, CAPSET_VIRGL2]
+    assert all(ver >= 1 and size > 0 for _, ver, size in infos)
+    for capset_id, ver, size in infos:
+        code, data = gpu.send(hdr(p.CMD_GET_CAPSET), p.GET_CAPSET.pack(capset_id, ver),
+                              resp=HDR_SIZE + size)
+        assert code == p.RESP_OK_CAPSET and len(data) == HDR_SIZE + size
+        # struct virgl_caps_v1 starts with max_version, then the format bitmasks:
+        # a real renderer supports some sampler formats
+        max_version = struct.unpack_from("<I", data, HDR_SIZE)[0]
+        assert max_version == ver and any(data[HDR_SIZE + 4:HDR_SIZE + 64])
+    assert gpu.send(hdr(p.CMD_GET_CAPSET_INFO), p.GET_CAPSET_INFO.pack(2))[0] == \
+        p.RESP_ERR_INVALID_PARAMETER
+    assert gpu.send(hdr(p.CMD_GET_CAPSET), p.GET_CAPSET.pack(3, 1))[0] == \
+        p.RESP_ERR_INVALID_PARAMETER
+    assert gpu.send(hdr(p.CMD_GET_CAPSET), p.GET_CAPSET.pack(1, 99))[0] == \
+        p.RESP_ERR_INVALID_PARAMETER
+
+
+HDR_SIZE = p.CTRL_HDR.size
+
+
+def test_context_create_and_destroy(gpu):
+    assert gpu.ctx_create(CTX) == p.RESP_OK_NODATA
+    assert gpu.ctx_create(CTX) == p.RESP_ERR_INVALID_CONTEXT_ID        # in use
+    assert gpu.ctx_create(0) == p.RESP_ERR_INVALID_CONTEXT_ID          # reserved
+    assert gpu.send(hdr(p.CMD_CTX_DESTROY, ctx=CTX))[0] == p.RESP_OK_NODATA
+    assert gpu.send(hdr(p.CMD_CTX_DESTROY, ctx=CTX))[0] == p.RESP_ERR_INVALID_CONTEXT_ID
+    assert gpu.ctx_create(CTX) == p.RESP_OK_NODATA                     # the id is free
+
+
+# ------------------------------------------------------------------------- rendering
+
+
+def test_submit_3d_clear_then_transfer_from_host_gives_every_pixel(gpu):
+    pixels = clear_and_read_back(gpu)
+    bgra = np.array([RGBA[2], RGBA[1], RGBA[0], RGBA[3]], np.uint8)
+    assert (pixels == bgra).all(), np.unique(pixels.reshape(-1, 4), axis=0)
+    assert gpu.h.device.last_fence == (2, CTX)
+
+
+def test_flushed_3d_render_target_is_the_screenshot_pixel_for_pixel(gpu, display):
+    clear_and_read_back(gpu)
+    assert gpu.set_scanout(0, 1, 0, 0, W, H) == p.RESP_OK_NODATA
+    assert gpu.flush(1, 0, 0, W, H) == p.RESP_OK_NODATA
+    assert np.array_equal(display.snapshot(0), expected())
+
+
+def test_transfer_to_host_3d_round_trips_and_shows_a_pattern(gpu, display):
+    """Guest pixels up (TRANSFER_TO_HOST_3D), back down into a second buffer, and onto
+    the display: the same picture three times, the right way up."""
+    entries = render_target(gpu)
+    y, x = np.mgrid[0:H, 0:W]
+    rgb = np.stack([x * 4, y * 5, (x ^ y) * 3], axis=-1).astype(np.uint8)
+    bgra = np.concatenate([rgb[..., ::-1], np.full((H, W, 1), 255, np.uint8)], axis=-1)
+    gpu.fill_backing(entries, bgra.tobytes())
+    assert gpu.transfer_3d(p.CMD_TRANSFER_TO_HOST_3D, CTX, 1, (0, 0, 0, W, H, 1)) == \
+        p.RESP_OK_NODATA
+    gpu.fill_backing(entries, bytes(W * H * 4))
+    assert gpu.transfer_3d(p.CMD_TRANSFER_FROM_HOST_3D, CTX, 1, (0, 0, 0, W, H, 1),
+                           fence=7) == p.RESP_OK_NODATA
+    assert backing_bytes(gpu, entries) == bgra.tobytes()
+    assert gpu.set_scanout(0, 1, 0, 0, W, H) == p.RESP_OK_NODATA
+    assert np.array_equal(display.snapshot(0), rgb)
+
+
+def test_dumb_buffer_path_2d_commands_go_through_virglrenderer(gpu, display):
+    """fbcon in virgl mode: RESOURCE_CREATE_2D + TRANSFER_TO_HOST_2D + flush."""
+    from test_virtio_gpu_device import draw, pattern
+
+    rgb = pattern(W, H)
+    draw(gpu, 9, p.FORMAT_B8G8R8X8_UNORM, rgb)
+    assert np.array_equal(display.snapshot(0), rgb)
+    assert gpu.unref(9) == p.RESP_OK_NODATA
+    assert display.snapshot(0) is None and gpu.h.device.resources == {}
+
+
+def test_headless_screenshot_file_of_a_3d_clear(tmp_path):
+    needs_headless()
+    virgl_probe()
+    from vmm_virtio_gpu.factory import create
+
+    shot = tmp_path / "screen.png"
+    dev = create({"backend": "virglrenderer", "width": W, "height": H,
+                  "display": "headless", "screenshot": shot}, None)
+    harness = DeviceHarness(dev, mem_size=16 * MiB)
+    harness.activate(1 << p.VIRTIO_GPU_F_VIRGL)
+    gpu = Gpu3dDriver(harness)
+    clear_and_read_back(gpu)
+    assert gpu.set_scanout(0, 1, 0, 0, W, H) == p.RESP_OK_NODATA
+    assert gpu.flush(1, 0, 0, W, H) == p.RESP_OK_NODATA
+    png = dev.control("screenshot", {})["png"]
+    harness.close()
+    assert np.array_equal(png_pixels(png), expected())
+    assert np.array_equal(png_pixels(shot.read_bytes()), expected())
+
+
+# ---------------------------------------------------------------------------- hostile
+
+
+def test_hostile_3d_requests_get_errors_and_the_device_keeps_serving(gpu):
+    entries = render_target(gpu)
+    E = p
+    X = p.CMD_TRANSFER_FROM_HOST_3D
+    cases = [
+        ("submit to no context", gpu.submit(99, clear_stream(1)), E.RESP_ERR_INVALID_CONTEXT_ID),
+        ("submit size past the request", gpu.submit(CTX, clear_stream(1), size=4096),
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("submit size not whole dwords", gpu.submit(CTX, b"\0" * 8, size=6),
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("garbage command stream", gpu.submit(CTX, bytes(range(256)) * 4),
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("unknown command", gpu.submit(CTX, ccmd(0xEE, 0, 1, 2, 3)),
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("command longer than the stream", gpu.submit(CTX, ccmd(CCMD_CLEAR, 0)[:4]
+                                                      + bytes(4) * 3 + ccmd(7, 0, 9)),
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("surface on a missing resource", gpu.submit(CTX, clear_stream(77)),
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("attach to no context", gpu.ctx_attach(42, 1), E.RESP_ERR_INVALID_CONTEXT_ID),
+        ("attach a missing resource", gpu.ctx_attach(CTX, 42),
+         E.RESP_ERR_INVALID_RESOURCE_ID),
+        ("create 3d id 0", gpu.create_3d(0), E.RESP_ERR_INVALID_RESOURCE_ID),
+        ("create 3d id in use", gpu.create_3d(1), E.RESP_ERR_INVALID_RESOURCE_ID),
+        ("create 3d bad target", gpu.create_3d(2, target=9), E.RESP_ERR_INVALID_PARAMETER),
+        ("create 3d huge", gpu.create_3d(2, w=1 << 20), E.RESP_ERR_INVALID_PARAMETER),
+        ("create 3d over the memory cap", gpu.create_3d(2, w=16384, h=16384),
+         E.RESP_ERR_OUT_OF_MEMORY),
+        ("create 3d too many levels", gpu.create_3d(2, last_level=7),
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("create 3d depth on 2D", gpu.create_3d(2, depth=4), E.RESP_ERR_INVALID_PARAMETER),
+        ("create 3d format 0", gpu.create_3d(2, fmt=0), E.RESP_ERR_INVALID_PARAMETER),
+        ("create 3d unknown format", gpu.create_3d(2, fmt=400),
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("transfer missing resource", gpu.transfer_3d(X, CTX, 42, (0, 0, 0, 1, 1, 1)),
+         E.RESP_ERR_INVALID_RESOURCE_ID),
+        ("transfer bad context", gpu.transfer_3d(X, 42, 1, (0, 0, 0, 1, 1, 1)),
+         E.RESP_ERR_INVALID_CONTEXT_ID),
+        ("oversized box", gpu.transfer_3d(X, CTX, 1, (0, 0, 0, W + 1, H, 1)),
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("box wraps u32", gpu.transfer_3d(X, CTX, 1, (0xFFFF_FFFF, 0, 0, 2, 1, 1)),
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("box deeper than 2D", gpu.transfer_3d(X, CTX, 1, (0, 0, 0, W, H, 2)),
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("missing mip level", gpu.transfer_3d(X, CTX, 1, (0, 0, 0, 1, 1, 1), level=1),
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("offset past the backing", gpu.transfer_3d(X, CTX, 1, (0, 0, 0, 1, 1, 1),
+                                                    offset=W * H * 4),
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("rows past the backing", gpu.transfer_3d(X, CTX, 1, (0, 0, 0, W, H, 1),
+                                                  stride=W * 4 + 4),
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("backing outside guest RAM", gpu.attach(1, [(64 * MiB, 4096)]),
+         E.RESP_ERR_UNSPEC),
+        ("second backing", gpu.attach(1, entries), E.RESP_ERR_UNSPEC),
+        ("detach from no context", gpu.send(hdr(p.CMD_CTX_DETACH_RESOURCE, ctx=42),
+                                            p.CTX_RESOURCE.pack(1))[0],
+         E.RESP_ERR_INVALID_CONTEXT_ID),
+        ("short ctx_create", gpu.send(hdr(p.CMD_CTX_CREATE, ctx=8), b"\0" * 8)[0],
+         E.RESP_ERR_UNSPEC),
+        ("name longer than its field", gpu.send(hdr(p.CMD_CTX_CREATE, ctx=8),
+                                                p.CTX_CREATE.pack(65, 0, b"x"))[0],
+         E.RESP_ERR_INVALID_PARAMETER),
+        ("blob commands", gpu.send(hdr(p.CMD_RESOURCE_MAP_BLOB), bytes(16))[0],
+         E.RESP_ERR_UNSPEC),
+    ]
+    bad = [(name, hex(got), hex(want)) for name, got, want in cases if got != want]
+    assert not bad
+    # still serving: virglrenderer gave up on the context that sent garbage (as a real
+    # GPU driver loses it), but a new one renders into the same resource
+    assert gpu.ctx_create(CTX + 1) == p.RESP_OK_NODATA
+    assert gpu.ctx_attach(CTX + 1, 1) == p.RESP_OK_NODATA
+    assert gpu.submit(CTX + 1, clear_stream(1), fence=3) == p.RESP_OK_NODATA
+    assert gpu.transfer_3d(X, CTX + 1, 1, (0, 0, 0, W, H, 1)) == p.RESP_OK_NODATA
+    assert backing_bytes(gpu, entries)[:4] == bytes([RGBA[2], RGBA[1], RGBA[0], RGBA[3]])
+    assert not gpu.h.reset_reasons
+
+
+def test_reset_forgets_contexts_and_resources(gpu):
+    """After a device reset virglrenderer has forgotten context CTX and resource 1 too
+    (it would refuse to create them again otherwise)."""
+    render_target(gpu)
+    dev = gpu.h.device
+    assert dev.reset()
+    assert dev.resources == {} and dev.contexts == set() and dev.resource_bytes == 0
+    harness = DeviceHarness(dev, mem_size=16 * MiB)        # a fresh driver, new rings
+    try:
+        harness.activate(1 << p.VIRTIO_GPU_F_VIRGL)
+        pixels = clear_and_read_back(Gpu3dDriver(harness))
+        assert pixels[0, 0].tolist() == [RGBA[2], RGBA[1], RGBA[0], RGBA[3]]
+    finally:
+        harness.close()
