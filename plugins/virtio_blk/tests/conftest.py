@@ -17,11 +17,18 @@ def image(tmp_path):
     return p, contents
 
 
+@pytest.fixture(params=["python", "native"])
+def engine(request) -> str:
+    """Every device-model test runs on both request engines."""
+    return request.param
+
+
 @pytest.fixture
-def rig_factory():
+def rig_factory(engine):
     rigs = []
 
     def make(disk: DiskFile, activate: bool = True, rig_kw=None, **kw) -> BlkRig:
+        kw.setdefault("engine", engine)
         rig = BlkRig(VirtioBlock(disk, **kw), **(rig_kw or {}))
         rigs.append(rig)
         if activate:

@@ -44,13 +44,16 @@ def sparse(tmp_path):
 
 
 @pytest.fixture
-def build():
+def build(engine):
+    """Build the device as `vmm run` does, on the engine under test."""
     rigs = []
 
     def make(spelling: str, value: str) -> BlkRig:
-        [d] = collect_devices(DeviceArgs([(spelling, value)]), registry=Registry())
+        [d] = collect_devices(DeviceArgs([(spelling, f"{value},engine={engine}")]),
+                              registry=Registry())
         dev = create(dict(d.options), DeviceContext(name="virtio_blk0", index=0,
                                                      mem_size=1 << 30))
+        assert dev.engine == engine
         rig = BlkRig(dev)
         rig.activate()
         rigs.append(rig)

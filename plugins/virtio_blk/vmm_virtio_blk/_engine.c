@@ -58,6 +58,7 @@
 #define S_OK 0
 #define S_IOERR 1
 #define S_UNSUPP 2
+#define S_AGAIN (-1)       /* not a status: "would block, run me in the pool" */
 #define WZ_FLAG_UNMAP 1u
 #define ID_BYTES 20
 #define SECTOR_SHIFT 9
@@ -122,6 +123,7 @@ struct engine {
     int nregions;
     uint64_t capacity;          /* atomic: sectors */
     uint32_t align;             /* atomic: O_DIRECT alignment in use (512 or 4096) */
+    int no_write_nowait;        /* atomic: pwritev2(RWF_NOWAIT) is refused here */
     struct queue *queues;
     int nqueues;
     int stop_fd;
@@ -443,15 +445,16 @@ static void iov_advance(struct iovec *iov, uint32_t *first, uint32_t count, size
     }
 }
 
-/* preadv/pwritev of every iovec at off, in IOV_MAX batches, looping on short transfers
- * and EINTR. A read at end of file fills the rest with zeroes (a file shorter than the
- * disk). Returns 0 or an errno. */
-static int rw_all(int fd, struct iovec *iov, uint32_t count, uint64_t off, int write) {
+/* preadv2/pwritev2 of every iovec at off, in IOV_MAX batches, looping on short
+ * transfers and EINTR. A read at end of file fills the rest with zeroes (a file shorter
+ * than the disk). flags is 0 or RWF_NOWAIT. Returns 0 or an errno. */
+static int rw_all(int fd, struct iovec *iov, uint32_t count, uint64_t off, int write,
+                  int flags) {
     uint32_t first = 0;
     while (first < count) {
         int batch = count - first > IOV_MAX ? IOV_MAX : (int)(count - first);
-        ssize_t n = write ? pwritev(fd, iov + first, batch, (off_t)off)
-                          : preadv(fd, iov + first, batch, (off_t)off);
+        ssize_t n = write ? pwritev2(fd, iov + first, batch, (off_t)off, flags)
+                          : preadv2(fd, iov + first, batch, (off_t)off, flags);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -498,7 +501,7 @@ static int disk_rw(struct engine *e, struct req *req, uint32_t count, uint64_t o
             struct iovec *copy = malloc(count * sizeof *copy);   /* rw_all edits iov */
             if (copy) {
                 memcpy(copy, req->iov, count * sizeof *copy);
-                err = rw_all(e->cfg.direct_fd, copy, count, foff, write);
+                err = rw_all(e->cfg.direct_fd, copy, count, foff, write, 0);
                 free(copy);
                 if (err == EINVAL && a < DIRECT_ALIGN_MAX)
                     __atomic_store_n(&e->align, DIRECT_ALIGN_MAX, __ATOMIC_RELAXED);
@@ -506,9 +509,27 @@ static int disk_rw(struct engine *e, struct req *req, uint32_t count, uint64_t o
         }
     }
     if (err != 0)
-        err = rw_all(e->cfg.fd, req->iov, count, foff, write);
+        err = rw_all(e->cfg.fd, req->iov, count, foff, write, 0);
     __atomic_sub_fetch(&e->in_disk, 1, __ATOMIC_RELAXED);
     return err;
+}
+
+/* The same I/O without blocking (RWF_NOWAIT on the buffered descriptor): 0 when it is
+ * all done (the data was in the page cache), else EAGAIN and the pool does it again,
+ * whole, with blocking calls. A thread hand-off costs more than copying a page-cache
+ * hit, so the queue thread serves those itself. Direct I/O always blocks: EAGAIN. */
+static int disk_rw_nowait(struct engine *e, struct req *req, uint32_t count, uint64_t off,
+                          uint64_t len, int write) {
+    uint64_t foff = (uint64_t)e->cfg.file_offset + off;
+    if (e->cfg.direct_fd >= 0 &&
+        aligned(req->iov, count, foff, len, __atomic_load_n(&e->align, __ATOMIC_RELAXED)))
+        return EAGAIN;
+    if (write && __atomic_load_n(&e->no_write_nowait, __ATOMIC_RELAXED))
+        return EAGAIN;
+    int err = rw_all(e->cfg.fd, req->iov, count, foff, write, RWF_NOWAIT);
+    if (err == EOPNOTSUPP && write)          /* this file system cannot: stop trying */
+        __atomic_store_n(&e->no_write_nowait, 1, __ATOMIC_RELAXED);
+    return err ? EAGAIN : 0;
 }
 
 static int disk_flush(struct engine *e) {
@@ -553,7 +574,7 @@ static int disk_write_zeroes(struct engine *e, uint64_t off, uint64_t len, int u
     while (len) {
         size_t n = len < ZERO_CHUNK ? len : ZERO_CHUNK;
         struct iovec iov = {(void *)zeroes, n};
-        int err = rw_all(e->cfg.fd, &iov, 1, (uint64_t)foff, 1);
+        int err = rw_all(e->cfg.fd, &iov, 1, (uint64_t)foff, 1, 0);
         if (err)
             return err;
         foff += (off_t)n;
@@ -673,7 +694,7 @@ static int do_discard_wz(struct engine *e, struct req *req, uint64_t out_len, in
 }
 
 static int do_rw(struct engine *e, struct req *req, uint64_t sector, uint64_t in_len,
-                 uint64_t out_len, int write, uint32_t *written) {
+                 uint64_t out_len, int write, int nowait, uint32_t *written) {
     if (write && e->cfg.read_only)
         return S_IOERR;
     if (write ? in_len != 0 : out_len != 0)      /* data in the wrong direction */
@@ -686,7 +707,11 @@ static int do_rw(struct engine *e, struct req *req, uint64_t sector, uint64_t in
         disk_error(e, "allocating iovecs", off, ENOMEM);
         return S_IOERR;
     }
-    int err = disk_rw(e, req, count, off, len, write);
+    if (nowait && (write && e->cfg.writethrough))
+        return S_AGAIN;                             /* a flush follows: it blocks */
+    if (nowait && disk_rw_nowait(e, req, count, off, len, write))
+        return S_AGAIN;
+    int err = nowait ? 0 : disk_rw(e, req, count, off, len, write);
     if (err) {
         disk_error(e, write ? "write" : "read", off, err);
         return S_IOERR;
@@ -701,8 +726,9 @@ static int do_rw(struct engine *e, struct req *req, uint64_t sector, uint64_t in
 }
 
 /* Carry out one request; returns its status and sets *written (data bytes given to the
- * guest, status excluded). The chain has at least one writable byte. */
-static int execute(struct engine *e, struct req *req, uint32_t *written) {
+ * guest, status excluded). The chain has at least one writable byte. With nowait,
+ * S_AGAIN means "would block": nothing was answered, run it again without nowait. */
+static int execute(struct engine *e, struct req *req, int nowait, uint32_t *written) {
     *written = 0;
     if (req->readable_after_writable)
         return S_IOERR;
@@ -718,8 +744,10 @@ static int execute(struct engine *e, struct req *req, uint32_t *written) {
     switch (type) {
     case T_IN:
     case T_OUT:
-        return do_rw(e, req, sector, in_len, out_len, type == T_OUT, written);
+        return do_rw(e, req, sector, in_len, out_len, type == T_OUT, nowait, written);
     case T_FLUSH: {
+        if (nowait)
+            return S_AGAIN;
         int err = disk_flush(e);
         if (err) {
             disk_error(e, "flush", 0, err);
@@ -736,6 +764,8 @@ static int execute(struct engine *e, struct req *req, uint32_t *written) {
     }
     case T_DISCARD:
     case T_WRITE_ZEROES:
+        if (nowait)
+            return S_AGAIN;
         return do_discard_wz(e, req, out_len, type == T_DISCARD);
     default:
         return S_UNSUPP;
@@ -756,12 +786,15 @@ static void release_req(struct queue *q, struct req *req) {
     q->free_reqs = req;
 }
 
-/* Run a request, write its status (the last writable byte), return it to the driver. */
-static void serve(struct req *req) {
+/* Run a request, write its status (the last writable byte), return it to the driver.
+ * With nowait, returns -1 (and does nothing visible) when the request would block. */
+static int serve(struct req *req, int nowait) {
     struct queue *q = req->q;
     struct engine *e = q->e;
     uint32_t written = 0;
-    int status = execute(e, req, &written);
+    int status = execute(e, req, nowait, &written);
+    if (status == S_AGAIN)
+        return -1;
     struct seg *last = &req->w.v[req->w.n - 1];
     last->host[last->len - 1] = (uint8_t)status;
     pthread_mutex_lock(&q->lock);
@@ -771,7 +804,10 @@ static void serve(struct req *req) {
     release_req(q, req);
     pthread_mutex_unlock(&q->lock);
     stat_add(&e->stats.requests, 1);
+    if (nowait)
+        stat_add(&e->stats.served_inline, 1);
     __atomic_sub_fetch(&e->inflight, 1, __ATOMIC_ACQ_REL);
+    return 0;
 }
 
 static void *worker_main(void *arg) {
@@ -787,7 +823,7 @@ static void *worker_main(void *arg) {
         if (!e->jobs_head)
             e->jobs_tail = NULL;
         pthread_mutex_unlock(&e->pool_lock);
-        serve(req);
+        serve(req, 0);
         pthread_mutex_lock(&e->pool_lock);
         if (__atomic_load_n(&e->inflight, __ATOMIC_ACQUIRE) == 0)
             pthread_cond_broadcast(&e->idle_cond);
@@ -824,7 +860,8 @@ static struct req *get_req(struct queue *q) {
 }
 
 /* handle_queue: pop every available chain, then run a lone one here (nothing else in
- * flight) or hand the batch to the pool. */
+ * flight: the QD1 latency path); of a batch, serve here what completes without blocking
+ * (page-cache hits) and hand the rest to the pool. */
 static void handle_queue(struct queue *q) {
     struct engine *e = q->e;
     struct req *first = NULL, *last = NULL;
@@ -858,10 +895,25 @@ static void handle_queue(struct queue *q) {
         return;
     uint32_t before = __atomic_fetch_add(&e->inflight, (uint32_t)n, __ATOMIC_ACQ_REL);
     if (n == 1 && before == 0) {
-        serve(first);
+        serve(first, 0);
         return;
     }
-    submit_batch(e, first, last, n);
+    struct req *pool_first = NULL, *pool_last = NULL;
+    int pool_n = 0;
+    for (struct req *req = first, *next; req; req = next) {
+        next = req->next;
+        if (serve(req, 1) == 0)
+            continue;                     /* done (req went back to the free list) */
+        req->next = NULL;
+        if (pool_last)
+            pool_last->next = req;
+        else
+            pool_first = req;
+        pool_last = req;
+        pool_n++;
+    }
+    if (pool_n)
+        submit_batch(e, pool_first, pool_last, pool_n);
 }
 
 static void *queue_main(void *arg) {

@@ -42,6 +42,7 @@ struct blk_queue_config {
 struct blk_stats {
     uint64_t requests, reads, writes, flushes, discards, write_zeroes, disk_errors;
     uint64_t irqfd_signals, python_signals;
+    uint64_t served_inline;     /* batch requests the queue thread served without blocking */
     uint32_t peak_in_disk;      /* most requests inside a disk call at once */
     uint32_t inflight;
 };
