@@ -195,11 +195,15 @@ def test_virtio_blk_guest_without_the_device_exits_with_its_not_found_status():
     assert "no 1af4:1042 on bus 0" in result.stdout
 
 
-def test_virtio_blk_guest_reads_writes_and_flushes_a_raw_image(tmp_path):
+@pytest.mark.parametrize("engine,sandbox", [("native", []), ("python", []),
+                                            ("native", ["--disable-sandbox"])])
+def test_virtio_blk_guest_reads_writes_and_flushes_a_raw_image(tmp_path, engine, sandbox):
+    """On both request engines (native is the default for raw), jailed and in-process."""
     require_plugins(("device", "virtio_blk"), ("disk_format", "raw"))
     img = tmp_path / "disk.img"
     before = make_image(img)
-    result = vmm("run", str(guest("tests/virtio_blk")), "--device", f"virtio_blk:path={img}")
+    result = vmm("run", *sandbox, str(guest("tests/virtio_blk")), "--device",
+                 f"virtio_blk:path={img},engine={engine}")
     assert result.returncode not in EXCEPTION_EXITS, explain(result)
     assert result.returncode == 0, explain(result)
     out = result.stdout
