@@ -122,10 +122,52 @@ def test_bad_constructor_arguments(image):
     path, _ = image
     disk = FileDisk(path)
     for kw in ({"block_size": 1000}, {"queue_size": 100}, {"num_queues": 0},
-               {"serial": "x" * 21}, {"io_threads": 0}):
+               {"serial": "x" * 21}, {"io_threads": 0}, {"engine": "fast"},
+               {"poll_us": -1}):
         with pytest.raises(ValueError):
             VirtioBlock(disk, **kw)
     disk.close()
+
+
+class NoExtentDisk(FileDisk):
+    """A format that cannot hand out a plain file (like qcow2)."""
+
+    def file_extent(self):
+        return None
+
+
+def test_engine_choice(image):
+    path, _ = image
+    disk = NoExtentDisk(path)
+    assert VirtioBlock(disk).engine == "python"                 # auto falls back
+    with pytest.raises(ValueError, match=r"engine=native is not possible .*\(no file_extent\)"):
+        VirtioBlock(disk, engine="native")
+    assert VirtioBlock(FileDisk(path)).engine == "native"       # auto where it can
+    assert VirtioBlock(FileDisk(path), engine="python").engine == "python"
+    disk.close()
+
+
+def test_native_interrupts_that_need_python(image, rig_factory, engine):
+    """INTx (no MSI-X): the engine cannot just write an irqfd, so it asks Python, which
+    sets the ISR bit and raises the line."""
+    if engine == "python":
+        pytest.skip("native engine only")
+    from vmmcore.interrupts import CallbackInterrupt
+    from vmmcore.virtio import VirtioInterrupt
+
+    path, contents = image
+    levels: list[bool] = []
+    rig = rig_factory(FileDisk(path), activate=False)
+    rig.interrupt = VirtioInterrupt(intx=CallbackInterrupt(levels.append),
+                                    on_needs_reset=rig._on_reset)
+    rig.activate()
+    assert rig.do_read(4, 512).data == contents[2048:2560]
+    for _ in range(int(TIMEOUT / 0.01)):
+        if levels:
+            break
+        threading.Event().wait(0.01)
+    assert levels == [True] and rig.interrupt.read_isr() == 1
+    assert rig.device.engine_stats()["python_signals"] >= 1
 
 
 # -- every request type -----------------------------------------------------------------
@@ -583,6 +625,29 @@ def test_native_queue_depth_is_real(tmp_path, rig_factory, engine):
             break
     assert rig.device.engine_stats()["peak_in_disk"] >= 2
     assert overtaken, "completions always came back in submission order"
+
+
+def test_native_polling_serves_without_a_kick(image, rig_factory, engine):
+    """poll_us: after a kick the queue thread watches the ring, so a request published
+    within the window is served with no kick at all (the driver's kick is withheld here
+    unless the request is still pending after 50 ms)."""
+    if engine == "python":
+        pytest.skip("native engine only")
+    path, contents = image
+    rig = rig_factory(FileDisk(path), poll_us=1000)
+    assert rig.do_read(0, 512).status == OK                   # kicked: the window opens
+    for i in range(50):
+        req = rig.read(i, 512, kick=False)
+        deadline = threading.Event()
+        for _ in range(50):
+            if rig.drivers[0].used_idx() != rig.drivers[0].last_used:
+                break
+            deadline.wait(0.001)
+        else:
+            rig.drivers[0].kick_evt.write(1)                  # missed the window
+        [done] = rig.wait(1)
+        assert done.head == req.head and done.data == contents[i * 512:(i + 1) * 512]
+    assert rig.device.engine_stats()["polled"] >= 1
 
 
 def test_multiple_queues(tmp_path, rig_factory):

@@ -25,6 +25,7 @@ struct blk_config {
     int block_device;           /* the image is a block device: never punch holes */
     uint8_t serial[20];         /* GET_ID, NUL padded */
     int io_threads;             /* worker pool size */
+    uint32_t poll_us;           /* watch the ring this long after a kick (0: never) */
     int event_fd;               /* written on a failure or a disk error */
 };
 
@@ -43,6 +44,7 @@ struct blk_stats {
     uint64_t requests, reads, writes, flushes, discards, write_zeroes, disk_errors;
     uint64_t irqfd_signals, python_signals;
     uint64_t served_inline;     /* batch requests the queue thread served without blocking */
+    uint64_t polled;            /* ring checks that found work without a kick */
     uint32_t peak_in_disk;      /* most requests inside a disk call at once */
     uint32_t inflight;
 };

@@ -88,7 +88,7 @@ class VirtioBlock(VirtioDevice):
                  block_size: int = SECTOR_SIZE, serial: bytes | str | None = None,
                  num_queues: int = 1, queue_size: int = DEFAULT_QUEUE_SIZE,
                  sparse: bool = True, io_threads: int = 32, label: str = "virtio_blk",
-                 engine: str = "auto") -> None:
+                 engine: str = "auto", poll_us: int = 0) -> None:
         super().__init__()
         if block_size < SECTOR_SIZE or block_size & (block_size - 1):
             raise ValueError(f"block_size {block_size} is not a power of two >= 512")
@@ -98,6 +98,10 @@ class VirtioBlock(VirtioDevice):
             raise ValueError(f"queue_size {queue_size} is not a power of two in 2..32768")
         if io_threads < 1:
             raise ValueError("io_threads must be at least 1")
+        if not 0 <= poll_us <= 1000:
+            raise ValueError(f"poll_us={poll_us}: expected 0..1000")
+        #: the native engine's queue threads poll the ring this long after a kick
+        self.poll_us = poll_us
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
         self.disk = disk
@@ -396,7 +400,8 @@ def create(options: dict[str, Any], ctx: Any = None) -> VirtioBlock:
                            queue_size=int(options.get("queue_size") or DEFAULT_QUEUE_SIZE),
                            sparse=bool(options.get("sparse", True)),
                            io_threads=int(options.get("io_threads") or 32),
-                           label=str(label), engine=str(options.get("engine") or "auto"))
+                           label=str(label), engine=str(options.get("engine") or "auto"),
+                           poll_us=int(options.get("poll_us", 0)))
     except BaseException:
         disk.close()
         raise

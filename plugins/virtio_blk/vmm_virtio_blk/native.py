@@ -105,6 +105,7 @@ class NativeEngine:
         cfg.may_unmap, cfg.block_device = dev.may_unmap, ext.block_device
         cfg.serial = dev.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         cfg.io_threads = dev.io_threads
+        cfg.poll_us = dev.poll_us
         cfg.event_fd = self._event.fileno()
         return cfg
 

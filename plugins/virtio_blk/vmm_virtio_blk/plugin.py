@@ -55,6 +55,10 @@ PLUGIN = PluginSpec(
         Enum("engine", ("auto", "native", "python"), default="auto",
              help="Request path: native (C, GIL-free; formats that map the disk onto one "
                   "file, i.e. raw), python (any format), or auto (native where it can)."),
+        Int("poll_us", default=0, min=0, max=1000,
+            help="Native engine: microseconds a queue thread keeps watching the ring "
+                 "after a kick before it sleeps (QEMU's poll-max-ns). Costs a core while "
+                 "it spins: 0 (never) unless the host has cores to spare."),
     ),
     positional="path",
     policy="virtio_blk.policy",
