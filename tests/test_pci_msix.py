@@ -290,3 +290,28 @@ def test_hostile_config_and_bar_traffic_never_raises(env, accesses):
         assert label == "pci-ecam" or low[0] <= r.base < low[1] or r.base >= 1 << 32
     for v in range(NV):
         assert not (env.msix.is_pending(v) and not env.msix.is_masked(v) and env.msix.enabled)
+
+
+def test_direct_eventfd_follows_enable_and_masks_and_listeners_hear_every_change(env):
+    """What a device's native data plane relies on (plugin API 1.2): direct_eventfd(v) is
+    the vector's irqfd exactly while trigger(v) would just write it, and a listener is
+    called on each change, before the guest's write completes."""
+    e = env
+    calls = []
+    e.msix.add_listener(lambda: calls.append(e.msix.direct_eventfd(1)))
+    program(e, 1)
+    assert e.msix.direct_eventfd(1) is None                      # MSI-X still disabled
+    control(e, ENABLE)
+    assert calls[-1] == e.msix.direct_eventfd(1) == e.evts[1].fileno()
+    assert e.router.routes[e.gsis[1]] == (0xFEE0_0000, 0x4041)   # its route was pushed
+    set_mask(e, 1, True)
+    assert calls[-1] is None and e.msix.direct_eventfd(1) is None
+    set_mask(e, 1, False)
+    assert calls[-1] == e.evts[1].fileno()
+    control(e, ENABLE | FMASK)
+    assert calls[-1] is None
+    n = len(calls)
+    e.msix.remove_listener(e.msix._listeners[0])
+    control(e, ENABLE)
+    assert len(calls) == n and e.msix.direct_eventfd(1) == e.evts[1].fileno()
+    assert e.msix.direct_eventfd(NV) is None and e.msix.direct_eventfd(-1) is None
