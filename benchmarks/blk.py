@@ -33,9 +33,13 @@ is in the loop). Each cell runs for --seconds, device and raw alternating, --rep
 times; medians are printed with the ratio device/raw, CPU time per request on each side
 (device = the device process + the driver; raw = this process), and whether the issue's
 target is met: at least half the raw IOPS at depth 32 and 90% of the raw sequential MiB/s.
+The device's request engine is the plugin's default (engine=auto: the native C engine
+for raw images); --device-options engine=python measures the Python request path.
 --profile runs one workload on the device alone with cProfile in every device thread
 (wall clock per thread: at depth 1 a request runs inline in the device's worker thread,
-so that is its CPU time; at depth > 1 waits for the GIL and the queue lock are included).
+so that is its CPU time; at depth > 1 waits for the GIL and the queue lock are included);
+it profiles the Python engine (engine=python is added): the native engine's threads run
+no Python.
 
 Reads check a tag (the 4 KiB block's number, written into every block of the image) in
 every completed request; writes write a known pattern and the benchmark checks it in the
@@ -605,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if args.profile:
         chosen = [args.profile]
+        if "engine=" not in args.device_options:
+            args.device_options = ",".join(filter(None, [args.device_options,
+                                                         "engine=python"]))
     for w in chosen:
         if w not in table:
             parser.error(f"unknown workload {w!r}; valid: {', '.join(table)}")
@@ -637,8 +644,9 @@ def main(argv: list[str] | None = None) -> int:
               f"per run, median of {args.repeats}; python {sys.version.split()[0]}, kernel "
               f"{os.uname().release}, {os.cpu_count()} CPUs, load average "
               f"{os.getloadavg()[0]:.1f}")
-        print(f"device: virtio_blk plugin factory, format=raw, io_threads="
-              f"{dev0.options['io_threads']}, queue_size {dev0.options['queue_size']}, "
+        print(f"device: virtio_blk plugin factory, format=raw, engine {dev0.device.engine}, "
+              f"io_threads={dev0.options['io_threads']}, queue_size "
+              f"{dev0.options['queue_size']}, "
               f"{'in this process' if args.in_process else 'in a forked device process'}; "
               f"image created in {time.perf_counter() - t_setup:.1f} s")
 

@@ -28,9 +28,9 @@ ffibuilder.cdef("\n".join(line for line in (HERE / "_engine.h").read_text().spli
 ffibuilder.set_source(
     "vmm_virtio_blk._engine_cffi",
     '#include "_engine.h"',
-    sources=[_rel(HERE / "_engine.c")],
+    sources=[_rel(HERE / name) for name in ("_engine.c", "_ring.c", "_blk.c")],
     include_dirs=[_rel(HERE)],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+    extra_compile_args=["-O2", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Wno-sign-compare"],
     libraries=["pthread"],
 )

@@ -45,20 +45,13 @@ from vmm_virtio_blk.protocol import (
     SECTOR_SHIFT,
     SECTOR_SIZE,
     SIZE_MAX,
-    VIRTIO_BLK_F_BLK_SIZE,
-    VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH,
-    VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX,
-    VIRTIO_BLK_F_SIZE_MAX,
-    VIRTIO_BLK_F_TOPOLOGY,
-    VIRTIO_BLK_F_WRITE_ZEROES,
     VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
     RequestError,
     default_id,
+    feature_bits,
 )
 from vmmcore.disk import DiskFile
 from vmmcore.errors import VmmError
@@ -162,18 +155,8 @@ class VirtioBlock(VirtioDevice):
     # -- negotiation and config ---------------------------------------------------------
 
     def _features(self) -> int:
-        bits = [VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE,
-                VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ]
-        if self.read_only:
-            bits.append(VIRTIO_BLK_F_RO)
-        if self.can_discard:
-            bits.append(VIRTIO_BLK_F_DISCARD)
-        if self.can_write_zeroes:
-            bits.append(VIRTIO_BLK_F_WRITE_ZEROES)
-        out = 0
-        for b in bits:
-            out |= 1 << b
-        return out
+        return feature_bits(read_only=self.read_only, discard=self.can_discard,
+                            write_zeroes=self.can_write_zeroes)
 
     def _build_config(self) -> None:
         granularity = max(self.block_size, DISCARD_GRANULARITY)

@@ -69,6 +69,20 @@ MAX_WRITE_ZEROES_SEG = 32
 DISCARD_GRANULARITY = 4096
 
 
+def feature_bits(*, read_only: bool, discard: bool, write_zeroes: bool) -> int:
+    """The device feature bits virtio-blk offers: always SIZE_MAX, SEG_MAX, BLK_SIZE,
+    TOPOLOGY, FLUSH and MQ; RO, DISCARD and WRITE_ZEROES as the disk allows."""
+    bits = [VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ]
+    if read_only:
+        bits.append(VIRTIO_BLK_F_RO)
+    if discard:
+        bits.append(VIRTIO_BLK_F_DISCARD)
+    if write_zeroes:
+        bits.append(VIRTIO_BLK_F_WRITE_ZEROES)
+    return sum(1 << b for b in bits)
+
+
 def default_id(path: str | os.PathLike[str]) -> bytes:
     """A stable 20-byte serial for a disk without id=: derived from its absolute path."""
     digest = hashlib.sha1(os.fsencode(os.path.abspath(path))).hexdigest()

@@ -60,32 +60,12 @@ def execute(dev: VirtioBlock, mem: GuestMemory, chain: DescriptorChain) -> int:
     out_len = reader.available_bytes()
 
     if rtype == VIRTIO_BLK_T_IN:
-        if out_len:
-            raise RequestError(VIRTIO_BLK_S_IOERR, f"read request with {out_len} bytes "
-                               "of device-readable data")
-        offset = _data_range(dev, sector, in_len)
-        views = writer.views(in_len)
-        try:
-            dev.disk.read_into(offset, views)
-        finally:
-            _release(views)
-        return in_len
+        return _transfer(dev, writer, sector, in_len, out_len, write=False)
 
     if rtype == VIRTIO_BLK_T_OUT:
         if dev.read_only:
             raise RequestError(VIRTIO_BLK_S_IOERR, "write to a read-only disk")
-        if in_len:
-            raise RequestError(VIRTIO_BLK_S_IOERR, f"write request with {in_len} bytes "
-                               "of device-writable data")
-        offset = _data_range(dev, sector, out_len)
-        views = reader.views(out_len)
-        try:
-            dev.disk.write_from(offset, views)
-        finally:
-            _release(views)
-        if dev.writethrough:
-            dev.disk.flush()
-        return 0
+        return _transfer(dev, reader, sector, out_len, in_len, write=True)
 
     if rtype == VIRTIO_BLK_T_FLUSH:
         dev.disk.flush()
@@ -116,6 +96,28 @@ def execute(dev: VirtioBlock, mem: GuestMemory, chain: DescriptorChain) -> int:
         return 0
 
     raise RequestError(VIRTIO_BLK_S_UNSUPP, f"unsupported request type {rtype}")
+
+
+def _transfer(dev: VirtioBlock, data: Reader | Writer, sector: int, length: int,
+              wrong_way: int, write: bool) -> int:
+    """IN or OUT: `length` bytes of `data` (the chain's buffers in the request's direction)
+    to or from the disk; `wrong_way` bytes in the other direction make it IOERR."""
+    if wrong_way:
+        which = "writable" if write else "readable"
+        raise RequestError(VIRTIO_BLK_S_IOERR, f"{'write' if write else 'read'} request "
+                           f"with {wrong_way} bytes of device-{which} data")
+    offset = _data_range(dev, sector, length)
+    views = data.views(length)
+    try:
+        if write:
+            dev.disk.write_from(offset, views)
+        else:
+            dev.disk.read_into(offset, views)
+    finally:
+        _release(views)
+    if write and dev.writethrough:
+        dev.disk.flush()
+    return 0 if write else length
 
 
 def _data_range(dev: VirtioBlock, sector: int, length: int) -> int:
