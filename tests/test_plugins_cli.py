@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from fixtures.plugin_env import BROKEN, THIRDPARTY, pip_installed
 
+from vmmcore.plugin_api import API_VERSION
+
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = sorted(p for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").is_file())
 
@@ -59,7 +61,8 @@ def test_pip_installed_plugin_is_listed(listing):
 @pytest.mark.parametrize("kind,name,reason", [
     ("device", "fixture_broken_import",
      "cannot be loaded: ModuleNotFoundError: No module named 'vmm_fixture_no_such_module'"),
-    ("device", "fixture_broken_api", "needs plugin API 99.0; this vmm provides 1.1"),
+    ("device", "fixture_broken_api",
+     f"needs plugin API 99.0; this vmm provides {API_VERSION}"),
     ("device", "fixture_not_a_spec",
      "entry point vmm_fixture_broken.not_a_spec:PLUGIN gives dict, not a "
      "vmmcore.plugin_api.PluginSpec"),
@@ -136,7 +139,7 @@ def test_pip_installed_plugin_is_selectable(installed, tmp_path):
      "--device fixture_echo: missing required option 'tag' (tag=VALUE, a string)"),
     (["--device", "fixture_broken_api"],
      "--device fixture_broken_api: the plugin is broken: needs plugin API 99.0; "
-     "this vmm provides 1.1"),
+     f"this vmm provides {API_VERSION}"),
     (["--device", "fixture_broken_import"],
      "--device fixture_broken_import: the plugin is broken: cannot be loaded: "
      "ModuleNotFoundError"),

@@ -44,7 +44,8 @@ from typing import Any
 #: not newer than the core's.  Additions bump the minor; removals or changes, the major.
 #: 1.2: DiskFile.file_extent() / FileExtent; VirtioInterrupt.queue_irqfd() and
 #: add_route_listener() (a device's native data plane may signal irqfds itself).
-API_VERSION = "1.2"
+#: 1.3: a sandbox_binds entry may be a (path, writable) pair (read-only binds).
+API_VERSION = "1.3"
 
 #: The plugin kinds, and the entry-point group each is discovered in.
 KIND_GROUPS: dict[str, str] = {
@@ -286,7 +287,8 @@ class PluginSpec:
                  (virtio_blk: ("disk_format",); virtio_gpu: ("display",))
     sandbox_binds (API 1.1) callable(options) -> host paths the device process reaches
                  after the jail closes (e.g. a Wayland socket it connects to later);
-                 each is bind-mounted at the same path inside the jail
+                 each is bind-mounted at the same path inside the jail, read-write;
+                 (API 1.3) an entry (path, False) is bound read-only (libraries, data)
     sandbox_preload (API 1.1) modules the device imports lazily, imported before the jail
                  closes (afterwards there is no file system to import from)
     """
@@ -303,7 +305,7 @@ class PluginSpec:
     magic: bytes | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     policy_with: tuple[str, ...] = ()
-    sandbox_binds: Callable[[dict[str, Any]], list[str]] | None = None
+    sandbox_binds: Callable[[dict[str, Any]], list[str | tuple[str, bool]]] | None = None
     sandbox_preload: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

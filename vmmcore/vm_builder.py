@@ -282,8 +282,16 @@ def _jail(inst: VmInstance, record: PluginRecord, device: DeviceConfig) -> JailC
     binds = spec.sandbox_binds(dict(device.options)) if spec.sandbox_binds else []
     return JailConfig(
         seccomp=compile_policy(policies, log_failures=inst.config.seccomp_log_failures),
-        binds=[(str(p), str(p), True) for p in binds],
+        binds=[_bind_mount(entry) for entry in binds],
         preload=tuple(spec.sandbox_preload))
+
+
+def _bind_mount(entry: object) -> tuple[str, str, bool]:
+    """A sandbox_binds entry as a JailConfig bind: a path (read-write) or (path, writable)."""
+    if isinstance(entry, tuple):
+        path, writable = entry
+        return str(path), str(path), bool(writable)
+    return str(entry), str(entry), True
 
 
 def _create_device(inst: VmInstance, device: DeviceConfig, index: int) -> PciDevice:

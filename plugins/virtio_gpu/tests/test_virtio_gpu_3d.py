@@ -16,26 +16,18 @@ import struct
 
 import numpy as np
 import pytest
-from test_virtio_gpu_device import GpuDriver, hdr, needs_headless, png_pixels
+from test_virtio_gpu_device import GpuDriver, needs_headless, png_pixels
 from vmm_virtio_gpu import protocol as p
 from vmm_virtio_gpu.device3d import VirglGpu
+from vmm_virtio_gpu.testing import CCMD_CLEAR, CTX, RGBA, GpuClient, ccmd, clear_stream, hdr
 from vmm_virtio_gpu.virgl import CAPSET_VIRGL, CAPSET_VIRGL2, VirglUnavailable
 
 from vmmcore.display import Display, DisplayOptions
 from vmmcore.virtio.testing import DeviceHarness
 
 MiB = 1 << 20
-W, H = 64, 48
-CTX = 5
-BGRA = p.FORMAT_B8G8R8A8_UNORM
-PIPE_TEXTURE_2D = 2
-BIND_RENDER_TARGET, BIND_SAMPLER_VIEW = 1 << 1, 1 << 3
-# virgl_protocol.h: command header = cmd | object << 8 | length (dwords after it) << 16
-CCMD_CREATE_OBJECT, CCMD_SET_FRAMEBUFFER_STATE, CCMD_CLEAR = 1, 5, 7
-OBJECT_SURFACE = 8          # enum virgl_object_type (after the single SHADER type)
-PIPE_CLEAR_COLOR0 = 1 << 2
-#: the clear colour, chosen so that float -> unorm8 is exact: RGBA bytes 51 102 153 255
-RGBA = (51, 102, 153, 255)
+W, H = GpuClient.width, GpuClient.height
+HDR_SIZE = p.CTRL_HDR.size
 
 
 def virgl_probe() -> None:
@@ -48,54 +40,6 @@ def virgl_probe() -> None:
         pytest.skip(f"virglrenderer cannot initialise here: {e}")
 
 
-def ccmd(cmd: int, obj: int, *dwords: int) -> bytes:
-    return struct.pack(f"<{1 + len(dwords)}I", cmd | obj << 8 | len(dwords) << 16, *dwords)
-
-
-def f32(x: float) -> int:
-    return struct.unpack("<I", struct.pack("<f", x))[0]
-
-
-def clear_stream(res_id: int, surface: int = 1) -> bytes:
-    """A surface on res_id as colour buffer 0, then CLEAR to RGBA."""
-    depth = struct.unpack("<II", struct.pack("<d", 1.0))
-    return (ccmd(CCMD_CREATE_OBJECT, OBJECT_SURFACE, surface, res_id, BGRA, 0, 0)
-            + ccmd(CCMD_SET_FRAMEBUFFER_STATE, 0, 1, 0, surface)
-            + ccmd(CCMD_CLEAR, 0, PIPE_CLEAR_COLOR0, *(f32(c / 255) for c in RGBA),
-                   *depth, 0))
-
-
-class Gpu3dDriver(GpuDriver):
-    """The 3D commands, as Linux's virtio_gpu sends them."""
-
-    def ctx_create(self, ctx: int, name: bytes = b"test") -> int:
-        return self.send(hdr(p.CMD_CTX_CREATE, ctx=ctx),
-                         p.CTX_CREATE.pack(len(name), 0, name))[0]
-
-    def ctx_attach(self, ctx: int, rid: int) -> int:
-        return self.send(hdr(p.CMD_CTX_ATTACH_RESOURCE, ctx=ctx), p.CTX_RESOURCE.pack(rid))[0]
-
-    def create_3d(self, rid: int, w: int = W, h: int = H, target: int = PIPE_TEXTURE_2D,
-                  fmt: int = BGRA, depth: int = 1, array_size: int = 1,
-                  last_level: int = 0) -> int:
-        return self.send(hdr(p.CMD_RESOURCE_CREATE_3D), p.RESOURCE_CREATE_3D.pack(
-            rid, target, fmt, BIND_RENDER_TARGET | BIND_SAMPLER_VIEW, w, h, depth,
-            array_size, last_level, 0, 0))[0]
-
-    def submit(self, ctx: int, stream: bytes, size: int | None = None,
-               fence: int = 0) -> int:
-        flags = p.FLAG_FENCE if fence else 0
-        return self.send(hdr(p.CMD_SUBMIT_3D, flags, fence, ctx),
-                         p.SUBMIT_3D.pack(len(stream) if size is None else size), stream)[0]
-
-    def transfer_3d(self, cmd: int, ctx: int, rid: int, box: tuple[int, ...],
-                    offset: int = 0, level: int = 0, stride: int = W * 4,
-                    fence: int = 0) -> int:
-        flags = p.FLAG_FENCE if fence else 0
-        return self.send(hdr(cmd, flags, fence, ctx), p.TRANSFER_HOST_3D.pack(
-            *box, offset, rid, level, stride, 0))[0]
-
-
 @pytest.fixture
 def display():
     return Display(DisplayOptions(width=W, height=H))
@@ -106,35 +50,12 @@ def gpu(display):
     virgl_probe()
     harness = DeviceHarness(VirglGpu(display, W, H), mem_size=16 * MiB)
     harness.activate(1 << p.VIRTIO_GPU_F_VIRGL)
-    yield Gpu3dDriver(harness)
+    yield GpuDriver(harness)
     harness.close()
-
-
-def render_target(gpu: Gpu3dDriver, rid: int = 1) -> list[tuple[int, int]]:
-    """Context CTX, a W x H BGRA render target attached to it, with a guest backing."""
-    assert gpu.ctx_create(CTX) == p.RESP_OK_NODATA
-    assert gpu.create_3d(rid) == p.RESP_OK_NODATA
-    entries = gpu.backing(W * H * 4, pieces=3)
-    assert gpu.attach(rid, entries) == p.RESP_OK_NODATA
-    assert gpu.ctx_attach(CTX, rid) == p.RESP_OK_NODATA
-    return entries
-
-
-def backing_bytes(gpu: Gpu3dDriver, entries: list[tuple[int, int]]) -> bytes:
-    return b"".join(gpu.h.mem.read(a, n) for a, n in entries)
 
 
 def expected(w: int = W, h: int = H) -> np.ndarray:
     return np.tile(np.array(RGBA[:3], np.uint8), (h, w, 1))
-
-
-def clear_and_read_back(gpu: Gpu3dDriver, rid: int = 1) -> np.ndarray:
-    """Clear the render target on the host GPU; TRANSFER_FROM_HOST_3D; the BGRA pixels."""
-    entries = render_target(gpu, rid)
-    assert gpu.submit(CTX, clear_stream(rid), fence=1) == p.RESP_OK_NODATA
-    assert gpu.transfer_3d(p.CMD_TRANSFER_FROM_HOST_3D, CTX, rid, (0, 0, 0, W, H, 1),
-                           fence=2) == p.RESP_OK_NODATA
-    return np.frombuffer(backing_bytes(gpu, entries), np.uint8).reshape(H, W, 4)
 
 
 # ------------------------------------------------------------------------------ basics
@@ -171,9 +92,6 @@ def test_capset_info_and_data(gpu):
         p.RESP_ERR_INVALID_PARAMETER
 
 
-HDR_SIZE = p.CTRL_HDR.size
-
-
 def test_context_create_and_destroy(gpu):
     assert gpu.ctx_create(CTX) == p.RESP_OK_NODATA
     assert gpu.ctx_create(CTX) == p.RESP_ERR_INVALID_CONTEXT_ID        # in use
@@ -187,14 +105,14 @@ def test_context_create_and_destroy(gpu):
 
 
 def test_submit_3d_clear_then_transfer_from_host_gives_every_pixel(gpu):
-    pixels = clear_and_read_back(gpu)
+    pixels = gpu.clear_and_read_back()
     bgra = np.array([RGBA[2], RGBA[1], RGBA[0], RGBA[3]], np.uint8)
     assert (pixels == bgra).all(), np.unique(pixels.reshape(-1, 4), axis=0)
     assert gpu.h.device.last_fence == (2, CTX)
 
 
 def test_flushed_3d_render_target_is_the_screenshot_pixel_for_pixel(gpu, display):
-    clear_and_read_back(gpu)
+    gpu.clear_and_read_back()
     assert gpu.set_scanout(0, 1, 0, 0, W, H) == p.RESP_OK_NODATA
     assert gpu.flush(1, 0, 0, W, H) == p.RESP_OK_NODATA
     assert np.array_equal(display.snapshot(0), expected())
@@ -203,7 +121,7 @@ def test_flushed_3d_render_target_is_the_screenshot_pixel_for_pixel(gpu, display
 def test_transfer_to_host_3d_round_trips_and_shows_a_pattern(gpu, display):
     """Guest pixels up (TRANSFER_TO_HOST_3D), back down into a second buffer, and onto
     the display: the same picture three times, the right way up."""
-    entries = render_target(gpu)
+    entries = gpu.render_target()
     y, x = np.mgrid[0:H, 0:W]
     rgb = np.stack([x * 4, y * 5, (x ^ y) * 3], axis=-1).astype(np.uint8)
     bgra = np.concatenate([rgb[..., ::-1], np.full((H, W, 1), 255, np.uint8)], axis=-1)
@@ -213,7 +131,7 @@ def test_transfer_to_host_3d_round_trips_and_shows_a_pattern(gpu, display):
     gpu.fill_backing(entries, bytes(W * H * 4))
     assert gpu.transfer_3d(p.CMD_TRANSFER_FROM_HOST_3D, CTX, 1, (0, 0, 0, W, H, 1),
                            fence=7) == p.RESP_OK_NODATA
-    assert backing_bytes(gpu, entries) == bgra.tobytes()
+    assert gpu.read_backing(entries) == bgra.tobytes()
     assert gpu.set_scanout(0, 1, 0, 0, W, H) == p.RESP_OK_NODATA
     assert np.array_equal(display.snapshot(0), rgb)
 
@@ -239,8 +157,8 @@ def test_headless_screenshot_file_of_a_3d_clear(tmp_path):
                   "display": "headless", "screenshot": shot}, None)
     harness = DeviceHarness(dev, mem_size=16 * MiB)
     harness.activate(1 << p.VIRTIO_GPU_F_VIRGL)
-    gpu = Gpu3dDriver(harness)
-    clear_and_read_back(gpu)
+    gpu = GpuDriver(harness)
+    gpu.clear_and_read_back()
     assert gpu.set_scanout(0, 1, 0, 0, W, H) == p.RESP_OK_NODATA
     assert gpu.flush(1, 0, 0, W, H) == p.RESP_OK_NODATA
     png = dev.control("screenshot", {})["png"]
@@ -253,7 +171,7 @@ def test_headless_screenshot_file_of_a_3d_clear(tmp_path):
 
 
 def test_hostile_3d_requests_get_errors_and_the_device_keeps_serving(gpu):
-    entries = render_target(gpu)
+    entries = gpu.render_target()
     E = p
     X = p.CMD_TRANSFER_FROM_HOST_3D
     cases = [
@@ -326,21 +244,21 @@ def test_hostile_3d_requests_get_errors_and_the_device_keeps_serving(gpu):
     assert gpu.ctx_attach(CTX + 1, 1) == p.RESP_OK_NODATA
     assert gpu.submit(CTX + 1, clear_stream(1), fence=3) == p.RESP_OK_NODATA
     assert gpu.transfer_3d(X, CTX + 1, 1, (0, 0, 0, W, H, 1)) == p.RESP_OK_NODATA
-    assert backing_bytes(gpu, entries)[:4] == bytes([RGBA[2], RGBA[1], RGBA[0], RGBA[3]])
+    assert gpu.read_backing(entries)[:4] == bytes([RGBA[2], RGBA[1], RGBA[0], RGBA[3]])
     assert not gpu.h.reset_reasons
 
 
 def test_reset_forgets_contexts_and_resources(gpu):
     """After a device reset virglrenderer has forgotten context CTX and resource 1 too
     (it would refuse to create them again otherwise)."""
-    render_target(gpu)
+    gpu.render_target()
     dev = gpu.h.device
     assert dev.reset()
     assert dev.resources == {} and dev.contexts == set() and dev.resource_bytes == 0
     harness = DeviceHarness(dev, mem_size=16 * MiB)        # a fresh driver, new rings
     try:
         harness.activate(1 << p.VIRTIO_GPU_F_VIRGL)
-        pixels = clear_and_read_back(Gpu3dDriver(harness))
+        pixels = GpuDriver(harness).clear_and_read_back()
         assert pixels[0, 0].tolist() == [RGBA[2], RGBA[1], RGBA[0], RGBA[3]]
     finally:
         harness.close()

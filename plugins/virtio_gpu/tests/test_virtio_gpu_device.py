@@ -21,6 +21,7 @@ from vmm_virtio_gpu.backing import MAX_BACKING_ENTRIES
 from vmm_virtio_gpu.device import VirtioGpu
 from vmm_virtio_gpu.edid import build_edid, parse_preferred_mode
 from vmm_virtio_gpu.factory import create
+from vmm_virtio_gpu.testing import GpuClient, hdr
 
 from vmmcore.display import Display, DisplayOptions
 from vmmcore.plugin_api import DeviceContext
@@ -38,77 +39,19 @@ def needs_headless() -> None:
         pytest.skip("the headless display plugin (vmm-display-headless) is not installed")
 
 
-def hdr(ctype: int, flags: int = 0, fence: int = 0, ctx: int = 0, ring: int = 0) -> bytes:
-    return HDR.pack(ctype, flags, fence, ctx, ring)
-
-
-class GpuDriver:
-    """Issues virtio-gpu commands through a DeviceHarness and decodes the answers."""
+class GpuDriver(GpuClient):
+    """GpuClient over a DeviceHarness (the model driven directly)."""
 
     def __init__(self, harness: DeviceHarness) -> None:
+        client = GpuClient.over_harness(harness)
+        super().__init__(client.request, client.drivers, client.mem)
         self.h = harness
-        self.ctrl = harness.drivers[0]
         self.cursorq = harness.drivers[1]
-
-    def send(self, *out: bytes, resp: int = HDR.size, queue: int = 0) -> tuple[int, bytes]:
-        d = self.h.drivers[queue]
-        d.add(out=[b for b in out if b], in_sizes=[resp] if resp else [])
-        [used] = self.h.wait_used(queue)
-        if not resp:
-            return used.length, b""
-        assert used.length >= HDR.size, used
-        return HDR.unpack_from(used.data)[0], used.data
 
     def ok(self, *out: bytes, resp: int = HDR.size) -> bytes:
         code, data = self.send(*out, resp=resp)
         assert code in (p.RESP_OK_NODATA, p.RESP_OK_DISPLAY_INFO, p.RESP_OK_EDID), hex(code)
         return data
-
-    # -- commands ----------------------------------------------------------------------
-
-    def create(self, rid: int, fmt: int, w: int, h: int) -> int:
-        return self.send(hdr(p.CMD_RESOURCE_CREATE_2D),
-                         p.RESOURCE_CREATE_2D.pack(rid, fmt, w, h))[0]
-
-    def attach(self, rid: int, entries: list[tuple[int, int]], count: int | None = None) -> int:
-        body = p.ATTACH_BACKING.pack(rid, len(entries) if count is None else count)
-        ents = b"".join(p.MEM_ENTRY.pack(a, n) for a, n in entries)
-        return self.send(hdr(p.CMD_RESOURCE_ATTACH_BACKING), body, ents)[0]
-
-    def transfer(self, rid: int, x: int, y: int, w: int, h: int, offset: int,
-                 flags: int = 0, fence: int = 0) -> int:
-        return self.send(hdr(p.CMD_TRANSFER_TO_HOST_2D, flags, fence),
-                         p.TRANSFER_TO_HOST_2D.pack(x, y, w, h, offset, rid))[0]
-
-    def set_scanout(self, scanout: int, rid: int, x: int, y: int, w: int, h: int) -> int:
-        return self.send(hdr(p.CMD_SET_SCANOUT),
-                         p.SET_SCANOUT.pack(x, y, w, h, scanout, rid))[0]
-
-    def flush(self, rid: int, x: int, y: int, w: int, h: int) -> int:
-        return self.send(hdr(p.CMD_RESOURCE_FLUSH), p.RESOURCE_FLUSH.pack(x, y, w, h, rid))[0]
-
-    def unref(self, rid: int) -> int:
-        return self.send(hdr(p.CMD_RESOURCE_UNREF), p.RESOURCE_ID_PAD.pack(rid))[0]
-
-    def detach(self, rid: int) -> int:
-        return self.send(hdr(p.CMD_RESOURCE_DETACH_BACKING), p.RESOURCE_ID_PAD.pack(rid))[0]
-
-    def backing(self, nbytes: int, pieces: int = 1) -> list[tuple[int, int]]:
-        """Guest buffers for nbytes, split into `pieces` non-adjacent entries."""
-        out, left = [], nbytes
-        each = -(-nbytes // pieces)
-        while left > 0:
-            n = min(each, left)
-            addr = self.ctrl.alloc(n + 64)     # +64: a gap so the pieces are not adjacent
-            out.append((addr, n))
-            left -= n
-        return out
-
-    def fill_backing(self, entries: list[tuple[int, int]], data: bytes) -> None:
-        pos = 0
-        for addr, n in entries:
-            self.h.mem.write(addr, data[pos:pos + n])
-            pos += n
 
 
 @pytest.fixture

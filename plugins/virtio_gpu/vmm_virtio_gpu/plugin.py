@@ -11,6 +11,16 @@ from typing import Any
 from vmmcore.plugin_api import Bool, Enum, Int, Path, PluginSpec, Size, Str
 
 
+def _sandbox_binds(options: dict[str, Any]) -> list[str | tuple[str, bool]]:
+    """backend=virglrenderer: Mesa loads its EGL vendor, DRI driver and LLVM, and reads
+    their configuration, when it initialises in the jail (read-only bind mounts)."""
+    if options.get("backend") != "virglrenderer":
+        return []
+    from vmm_virtio_gpu.virgl import sandbox_paths
+
+    return list(sandbox_paths())
+
+
 def _validate(options: dict[str, Any]) -> None:
     display = options["display"]
     from vmmcore.registry import get_registry
@@ -24,7 +34,7 @@ def _validate(options: dict[str, Any]) -> None:
 PLUGIN = PluginSpec(
     name="virtio_gpu",
     kind="device",
-    api_version="1.1",
+    api_version="1.3",                # read-only sandbox_binds
     summary="virtio GPU: 2D scanout (virgl 3D where libvirglrenderer works)",
     options=(
         Int("width", default=1280, min=1, max=16384, help="Display width in pixels."),
@@ -55,5 +65,9 @@ PLUGIN = PluginSpec(
     policy="virtio_gpu.policy",
     factory="vmm_virtio_gpu.factory:create",
     policy_with=("display",),                 # the display backend runs in its process
+    sandbox_binds=_sandbox_binds,
+    # imported lazily by the 3D device (cffi's backend among them), so before the jail
+    sandbox_preload=("_cffi_backend", "cffi", "vmm_virtio_gpu.virgl",
+                     "vmm_virtio_gpu.device3d", "vmm_virtio_gpu.limits3d"),
     validate=_validate,
 )

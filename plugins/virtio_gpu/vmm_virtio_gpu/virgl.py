@@ -302,11 +302,11 @@ def _probe() -> None:
     os._exit(0)
 
 
-def sandbox_paths() -> list[str]:
-    """What Mesa reads when it initialises in the jail: the multiarch library directory
-    (libvirglrenderer, libepoxy, libEGL, libEGL_mesa, the DRI driver and LLVM), glvnd's
-    EGL vendor list and Mesa's driver configuration."""
+def sandbox_paths() -> list[tuple[str, bool]]:
+    """What Mesa reads when it initialises in the jail, as read-only binds: the multiarch
+    library directory (libvirglrenderer, libepoxy, libEGL, libEGL_mesa, the DRI driver,
+    LLVM), glvnd's EGL vendor lists and Mesa's driver configuration."""
     multiarch = getattr(sys.implementation, "_multiarch", "x86_64-linux-gnu")
     candidates = [f"/usr/lib/{multiarch}", "/usr/share/glvnd/egl_vendor.d",
                   "/etc/glvnd/egl_vendor.d", "/usr/share/drirc.d"]
-    return [path for path in candidates if os.path.isdir(path)]
+    return [(path, False) for path in candidates if os.path.isdir(path)]
