@@ -262,3 +262,24 @@ def test_reset_forgets_contexts_and_resources(gpu):
         assert pixels[0, 0].tolist() == [RGBA[2], RGBA[1], RGBA[0], RGBA[3]]
     finally:
         harness.close()
+
+
+def test_cursor_image_is_read_back_from_virglrenderer(gpu, display):
+    from test_virtio_gpu_device import encode, pattern
+
+    rgb = pattern(64, 64)
+    assert gpu.create(5, p.FORMAT_B8G8R8A8_UNORM, 64, 64) == p.RESP_OK_NODATA
+    entries = gpu.backing(64 * 64 * 4)
+    gpu.fill_backing(entries, encode(rgb, p.FORMAT_B8G8R8A8_UNORM, alpha=0xFF))
+    assert gpu.attach(5, entries) == p.RESP_OK_NODATA
+    assert gpu.transfer(5, 0, 0, 64, 64, 0) == p.RESP_OK_NODATA
+    code, _ = gpu.send(hdr(p.CMD_UPDATE_CURSOR), p.UPDATE_CURSOR.pack(0, 10, 20, 0, 5, 1, 2),
+                       queue=1)
+    assert code == p.RESP_OK_NODATA
+    c = display.cursors[0]
+    assert np.array_equal(c.image[..., :3], rgb) and (c.image[..., 3] == 255).all()
+    # a buffer is no image: answered, not raised
+    assert gpu.create_3d(6, w=4096, h=1, target=0, fmt=64) == p.RESP_OK_NODATA
+    code, _ = gpu.send(hdr(p.CMD_UPDATE_CURSOR), p.UPDATE_CURSOR.pack(0, 0, 0, 0, 6, 0, 0),
+                       queue=1)
+    assert code == p.RESP_ERR_INVALID_PARAMETER and not gpu.h.reset_reasons

@@ -343,6 +343,9 @@ class VirglGpu(VirtioGpu):
 
     def _cursor_image(self, res: Resource, w: int, h: int) -> np.ndarray:
         """The cursor image lives in virglrenderer too: read it back first."""
+        if res.format not in p.FORMATS:
+            raise GpuError(p.RESP_ERR_INVALID_PARAMETER,
+                           f"cursor resource {res.id} has format {res.format}")
         self._fetch(res, 0, 0, w, h)
         return super()._cursor_image(res, w, h)
 
