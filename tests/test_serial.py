@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from vmmcore.bus import Bus, BusDevice
 from vmmcore.devices import serial as s
 from vmmcore.devices.serial import Serial
 from vmmcore.devices.serial_backends import (
+    FdBackend,
     FileBackend,
     InputReader,
     RawTerminal,
@@ -736,3 +738,72 @@ def test_unix_backend_never_blocks_on_a_peer_that_stops_reading(tmp_path, caplog
             conn.settimeout(5)
             assert recv_exactly(conn, 3) == b"END"
         backend.close()
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 1.0) -> bytes:
+    got, deadline = b"", time.monotonic() + timeout
+    while marker not in got and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.1)[0]:
+            got += os.read(fd, 1 << 20)
+    return got
+
+
+def _fill_pipe(w: int) -> None:
+    """Fill the pipe so that the next write to it blocks (nobody reads it)."""
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"p" * 4096)
+    os.set_blocking(w, True)
+
+
+def test_fd_backend_never_blocks_on_a_pipe_nobody_reads(caplog):
+    """stdout/stderr/file output goes through a bounded buffer drained by a writer thread:
+    a pipe nobody reads (a paused pager) must not stall the vCPU's THR writes. What does
+    not fit is dropped, said once per stall; once the reader is back, output flows and
+    the next stall is said again."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        backend = FdBackend(w, "COM1", limit=8192)
+        dev = Serial(CallbackInterrupt(lambda high: None), backend)
+        _fill_pipe(w)
+
+        def vcpu() -> None:
+            for i in range(100_000):                 # far past the buffer
+                dev.write(s.DATA, bytes([65 + i % 26]))
+
+        t = threading.Thread(target=vcpu, daemon=True)
+        t.start()
+        t.join(20)
+        assert not t.is_alive(), "a THR write blocked on the unread pipe"
+        assert backend.dropped >= 100_000 - 2 * 8192
+        assert sum("dropping output" in rec.message for rec in caplog.records) == 1
+        got = _read_until(r, b"never")               # the reader is back...
+        assert backend.flush(5)
+        backend.write(b"END")
+        got += _read_until(r, b"END")
+        assert got.endswith(b"END")                  # ... and new output arrives whole,
+        assert b"ABCDEFGHIJ" in got                  # after what was held
+        assert backend.flush(5)
+        _fill_pipe(w)                                # a second stall is said again
+        for _ in range(10):
+            backend.write(b"y" * 4096)
+        assert sum("dropping output" in rec.message for rec in caplog.records) == 2
+        os.close(r)
+        r = -1
+        backend.close()                              # gives up on a dead pipe, no hang
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_fd_backend_close_flushes_everything_held(tmp_path):
+    path = tmp_path / "out.log"
+    backend = open_backend(parse_serial_spec(f"type=file,path={path}"))
+    data = bytes(range(256)) * 1000
+    for i in range(0, len(data), 100):
+        backend.write(data[i:i + 100])
+    backend.close()
+    assert path.read_bytes() == data
+    assert backend.fd == -1

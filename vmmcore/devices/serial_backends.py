@@ -27,6 +27,12 @@ Syntax (one --serial per port, keys in any order, crosvm style)::
     earlycon  also put earlycon=uart8250,io,<port> on the kernel command line
     hardware  only "serial" (the 16550A); crosvm's virtio-console is not supported
 
+No output backend ever blocks a vCPU: stdout, stderr and file output go through a
+bounded buffer that a writer thread drains (BufferedFdBackend), and type=unix sends
+without waiting; when the host end stops taking output (a paused pager, a peer that
+does not read), what does not fit is dropped, as a UART without flow control loses
+what nobody reads, and a warning says so once per stall.
+
 With no --serial at all, COM1 is the console on stdout (default_serial_parameters());
 so it is whenever COM1 is not given and no port is the console (crosvm's rule). Like
 crosvm, the other ports not given are still created, as sinks, so all four COM ports
@@ -253,6 +259,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+#: How much guest output a stdout/stderr/file port holds while its fd does not take it.
+OUTPUT_BUFFER_LIMIT = 256 * 1024
+#: How long close() waits for held output to drain before giving it up.
+CLOSE_DRAIN_SECONDS = 5.0
+
+
 class SerialBackend:
     """The host end of one serial port: write(bytes) gets guest output; a two-way
     backend also delivers input once start_input(deliver) is called."""
@@ -285,30 +297,116 @@ class SinkBackend(SerialBackend):
     """Discards output."""
 
 
-class FdBackend(SerialBackend):
-    """Output to an fd we do not own (stdout, stderr)."""
+class BufferedFdBackend(SerialBackend):
+    """Output to an fd through a bounded buffer that a writer thread drains, so that a
+    vCPU never blocks on the fd (a paused pager on stdout, a stuck file system).
 
-    def __init__(self, fd: int, name: str) -> None:
+    write() only appends to the buffer; when the fd stops taking output and the buffer
+    is full, what does not fit is dropped, as a UART without flow control loses what
+    nobody reads, and said once per stall (a stall ends when the buffer has drained).
+    The thread starts at the first write, i.e. after the VM builder's forks. close()
+    waits up to CLOSE_DRAIN_SECONDS for the buffer to drain.
+    """
+
+    def __init__(self, fd: int, name: str, *, limit: int = OUTPUT_BUFFER_LIMIT) -> None:
         super().__init__(name)
         self.fd = fd
+        self.limit = limit
+        self.dropped = 0                   # bytes dropped so far
+        self._buf = bytearray()
+        self._busy = False                 # the writer holds bytes taken from _buf
+        self._dropping = False
+        self._closing = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
 
     def _write(self, data: bytes) -> None:
-        _write_all(self.fd, data)
+        with self._cond:
+            if self._closing:
+                return
+            room = self.limit - len(self._buf)
+            if len(data) > room:
+                self.dropped += len(data) - max(room, 0)
+                data = data[:max(room, 0)]
+                if not self._dropping:
+                    self._dropping = True
+                    log.warning("%s: output is not being taken (fd %d blocks); dropping "
+                                "output", self.name, self.fd)
+            if not data:
+                return
+            was_empty = not self._buf
+            self._buf += data
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, name=f"{self.name} output",
+                                                daemon=True)
+                self._thread.start()
+                atexit.register(self.flush, CLOSE_DRAIN_SECONDS)   # a VM left unclosed
+            elif was_empty:
+                self._cond.notify()
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                while not self._buf and not self._closing:
+                    self._cond.wait()
+                if not self._buf:
+                    return
+                chunk, self._buf = bytes(self._buf), bytearray()
+                self._busy = True
+            try:
+                _write_all(self.fd, chunk)
+            except OSError as e:
+                log.warning("%s: output failed, dropping further output: %s", self.name, e)
+                with self._cond:
+                    self._failed = self._closing = True
+                    self._buf.clear()
+                    self._busy = False
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._busy = False
+                if not self._buf:
+                    self._dropping = False
+                    self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything written so far has reached the fd; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._buf and not self._busy
+                                       or self._failed, timeout)
+
+    def close(self) -> bool:  # type: ignore[override]
+        """Drain what is held (up to CLOSE_DRAIN_SECONDS), then stop the writer thread.
+        Returns True when the writer has stopped (the fd is then free to close)."""
+        atexit.unregister(self.flush)
+        drained = self.flush(CLOSE_DRAIN_SECONDS)
+        with self._cond:
+            self._closing = True
+            lost = len(self._buf)
+            self._cond.notify_all()
+        if not drained:
+            log.warning("%s: output still blocked at exit; %d bytes not written",
+                        self.name, lost)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=0.5 if drained else 0)
+        return self._thread is None or not self._thread.is_alive()
 
 
-class FileBackend(SerialBackend):
+class FdBackend(BufferedFdBackend):
+    """Output to an fd we do not own (stdout, stderr)."""
+
+
+class FileBackend(BufferedFdBackend):
     """Output to a file, created and truncated (as crosvm's type=file)."""
 
     def __init__(self, path: Path, name: str = "serial") -> None:
-        super().__init__(name)
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-
-    def _write(self, data: bytes) -> None:
-        _write_all(self.fd, data)
+        super().__init__(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                 0o644), name)
 
     def close(self) -> None:
-        if self.fd >= 0:
+        stopped = super().close()
+        if self.fd >= 0 and stopped:     # else the writer still uses it: left to exit
             os.close(self.fd)
             self.fd = -1
 
