@@ -47,7 +47,12 @@ class FileDisk(DiskFile):
         return self._size
 
     def capabilities(self) -> DiskCapabilities:
-        return DiskCapabilities(discard=not self.read_only, write_zeroes=not self.read_only)
+        return DiskCapabilities(discard=not self.read_only, write_zeroes=not self.read_only,
+                                resize=not self.read_only)
+
+    def resize(self, new_size: int) -> None:
+        os.ftruncate(self.fd, new_size)
+        self._size = new_size
 
     def read_into(self, offset: int, bufs: Buffers) -> int:
         total = sum(b.nbytes for b in bufs)

@@ -8,7 +8,7 @@ import struct
 import threading
 
 import pytest
-from blk_rig import TIMEOUT, BlkRig, FileDisk, MiB, header, make_image, segment
+from blk_rig import TIMEOUT, BlkRig, FileDisk, MiB, header, make_image, segment, wait_fd
 from vmm_virtio_blk.device import (
     CONFIG,
     MAX_DISCARD_SECTORS,
@@ -648,6 +648,23 @@ def test_native_polling_serves_without_a_kick(image, rig_factory, engine):
         [done] = rig.wait(1)
         assert done.head == req.head and done.data == contents[i * 512:(i + 1) * 512]
     assert rig.device.engine_stats()["polled"] >= 1
+
+
+def test_capacity_change_reaches_the_running_engine(image, rig_factory):
+    """After `vmm disk resize` (the control command) the running engine serves the new
+    sectors and refuses the ones past the new end, and the driver hears of it."""
+    path, _ = image
+    rig = rig_factory(FileDisk(path))
+    assert rig.do_read(SECTORS, 512).status == IOERR
+    assert rig.device.control("resize", {"size": 2 * MiB}) == {"size": 2 * MiB,
+                                                               "sectors": 2 * SECTORS}
+    assert wait_fd(rig.vectors[0], TIMEOUT)                   # config-change interrupt
+    assert rig.do_read(SECTORS, 512).status == OK
+    assert rig.do_write(2 * SECTORS - 1, b"\x42" * 512).status == OK
+    assert host(path, 2 * MiB - 512, 512) == b"\x42" * 512
+    rig.device.control("resize", {"size": MiB // 2})
+    assert rig.do_read(SECTORS // 2, 512).status == IOERR
+    assert rig.do_read(SECTORS // 2 - 1, 512).status == OK
 
 
 def test_multiple_queues(tmp_path, rig_factory):

@@ -122,7 +122,7 @@ static int walk_chain(struct queue *q, uint16_t head, uint32_t slot, struct req 
                             "multiple of 16", head, d.len);
                 return -1;
             }
-            if (d.len / 16 > MAX_INDIRECT_ENTRIES) {   /* cannot happen with a u32 len */
+            if (d.len / 16 > MAX_INDIRECT_ENTRIES) {   /* more than a u16 next can name */
                 engine_fail(e, "chain %u: indirect table of %u entries", head, d.len / 16);
                 return -1;
             }
