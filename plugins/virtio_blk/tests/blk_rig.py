@@ -28,6 +28,14 @@ from vmmcore.virtio.testing import VirtqueueDriver  # noqa: E402
 
 MiB = 1 << 20
 TIMEOUT = 10.0
+SECTORS = MiB // 512                 # of the default 1 MiB test image
+
+
+def host(path: Path, offset: int, n: int) -> bytes:
+    """n bytes of the host file at offset (what the device really wrote)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
 
 
 class FileDisk(DiskFile):

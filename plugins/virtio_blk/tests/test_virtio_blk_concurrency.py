@@ -1,0 +1,264 @@
+"""The virtio-blk device model, tier 1: concurrency, reset with requests in flight,
+multiple queues, resize while running, and what is particular to each request engine
+(the choice, interrupts the native engine must hand to Python, its polling)."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+
+import pytest
+from blk_rig import SECTORS, TIMEOUT, FileDisk, MiB, host, make_image, wait_fd
+from vmm_virtio_blk.device import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VirtioBlock
+
+from vmmcore.disk import Buffers
+
+OK, IOERR = VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR
+
+
+# -- choosing the engine; interrupts ------------------------------------------------------
+
+class NoExtentDisk(FileDisk):
+    """A format that cannot hand out a plain file (like qcow2)."""
+
+    def file_extent(self):
+        return None
+
+
+def test_engine_choice(image):
+    path, _ = image
+    disk = NoExtentDisk(path)
+    assert VirtioBlock(disk).engine == "python"                 # auto falls back
+    with pytest.raises(ValueError, match=r"engine=native is not possible .*\(no file_extent\)"):
+        VirtioBlock(disk, engine="native")
+    assert VirtioBlock(FileDisk(path)).engine == "native"       # auto where it can
+    assert VirtioBlock(FileDisk(path), engine="python").engine == "python"
+    disk.close()
+
+
+def test_native_interrupts_that_need_python(image, rig_factory, engine):
+    """INTx (no MSI-X): the engine cannot just write an irqfd, so it asks Python, which
+    sets the ISR bit and raises the line."""
+    if engine == "python":
+        pytest.skip("native engine only")
+    from vmmcore.interrupts import CallbackInterrupt
+    from vmmcore.virtio import VirtioInterrupt
+
+    path, contents = image
+    levels: list[bool] = []
+    rig = rig_factory(FileDisk(path), activate=False)
+    rig.interrupt = VirtioInterrupt(intx=CallbackInterrupt(levels.append),
+                                    on_needs_reset=rig._on_reset)
+    rig.activate()
+    assert rig.do_read(4, 512).data == contents[2048:2560]
+    for _ in range(int(TIMEOUT / 0.01)):
+        if levels:
+            break
+        threading.Event().wait(0.01)
+    assert levels == [True] and rig.interrupt.read_isr() == 1
+    assert rig.device.engine_stats()["python_signals"] >= 1
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+def test_32_concurrent_requests_keep_data_intact(tmp_path, rig_factory):
+    path = tmp_path / "big.img"
+    size = 8 * MiB
+    model = bytearray(make_image(path, size))
+    rig = rig_factory(FileDisk(path))
+    rng = random.Random(42)
+    blocks = size // 4096
+    for _round in range(20):
+        chosen = rng.sample(range(blocks), 32)
+        reqs = []
+        for blk in chosen:       # distinct 4 KiB blocks: no two requests overlap
+            length = 512 * rng.randrange(1, 9)
+            sector = blk * 8 + rng.randrange(0, 9 - length // 512)
+            if rng.random() < 0.5:
+                data = os.urandom(length)
+                model[sector * 512:sector * 512 + length] = data
+                reqs.append(("w", rig.write(sector, data, kick=False), sector, length))
+            else:
+                reqs.append(("r", rig.read(sector, length, kick=False), sector, length))
+        rig.drivers[0].kick_evt.write(1)
+        done = rig.wait(len(reqs))
+        assert all(r.status == OK for r in done)
+        for kind, req, sector, length in reqs:
+            if kind == "r":
+                start = sector * 512
+                assert req.data == bytes(model[start:start + length])
+    assert path.read_bytes() == bytes(model)
+
+
+class GatedDisk(FileDisk):
+    """read_into waits until `width` reads are inside the disk at the same time."""
+
+    def __init__(self, path, width: int) -> None:
+        super().__init__(path)
+        self.barrier = threading.Barrier(width, timeout=TIMEOUT)
+        self.order: list[int] = []
+        self.release_first = threading.Event()
+        self._lock = threading.Lock()
+
+    def read_into(self, offset: int, bufs: Buffers) -> int:
+        self.barrier.wait()       # BrokenBarrierError (-> IOERR) unless `width` run at once
+        if offset == 0:
+            self.release_first.wait(TIMEOUT)   # the first request finishes last
+        n = super().read_into(offset, bufs)
+        with self._lock:
+            self.order.append(offset)
+        return n
+
+
+def test_queue_depth_32_is_real_and_completions_come_out_of_order(image, rig_factory, engine):
+    if engine == "native":
+        pytest.skip("GatedDisk gates DiskFile.read_into, which the native engine never "
+                    "calls: test_native_queue_depth_is_real covers it")
+    path, contents = image
+    disk = GatedDisk(path, 32)
+    rig = rig_factory(disk, io_threads=32)
+    reqs = [rig.read(i * 8, 4096, kick=False) for i in range(32)]
+    rig.drivers[0].kick_evt.write(1)
+    done = rig.wait(31)
+    assert all(r.status == OK for r in done), "32 requests were not in the disk at once"
+    assert reqs[0].head not in [r.head for r in done]     # held back: the others overtook it
+    disk.release_first.set()
+    [last] = rig.wait(1)
+    assert last.head == reqs[0].head and last.status == OK
+    for r in reqs:
+        i = reqs.index(r)
+        assert r.data == contents[i * 4096:(i + 1) * 4096]
+
+
+def test_native_queue_depth_is_real(tmp_path, rig_factory, engine):
+    """One 4 MiB read then 31 of 64 KiB in one kick, the file out of the page cache (so
+    that none completes without blocking in the queue thread): the pool has several
+    inside the disk at once and completions overtake each other (in some round: timing)."""
+    if engine == "python":
+        pytest.skip("native engine only (GatedDisk covers the Python engine)")
+    path = tmp_path / "deep.img"
+    contents = make_image(path, 8 * MiB)
+    rig = rig_factory(FileDisk(path), engine="native", io_threads=32)
+    overtaken = 0
+    for _round in range(20):
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        big = rig.read(0, 4 * MiB, kick=False)
+        small = [rig.read(8192 + i * 128, 64 << 10, kick=False) for i in range(31)]
+        rig.drivers[0].kick_evt.write(1)
+        done = rig.wait(32)
+        assert [r.status for r in done] == [OK] * 32
+        assert big.data == contents[:4 * MiB]
+        for i, r in enumerate(small):
+            start = (8192 + i * 128) * 512
+            assert r.data == contents[start:start + (64 << 10)]
+        submitted = [big.head] + [r.head for r in small]
+        overtaken += [r.head for r in done] != submitted
+        if overtaken and rig.device.engine_stats()["peak_in_disk"] >= 2:
+            break
+    assert rig.device.engine_stats()["peak_in_disk"] >= 2
+    assert overtaken, "completions always came back in submission order"
+
+
+def test_native_polling_serves_without_a_kick(image, rig_factory, engine):
+    """poll_us: after a kick the queue thread watches the ring, so a request published
+    within the window is served with no kick at all (the driver's kick is withheld here
+    unless the request is still pending after 50 ms)."""
+    if engine == "python":
+        pytest.skip("native engine only")
+    path, contents = image
+    rig = rig_factory(FileDisk(path), poll_us=1000)
+    assert rig.do_read(0, 512).status == OK                   # kicked: the window opens
+    for i in range(50):
+        req = rig.read(i, 512, kick=False)
+        deadline = threading.Event()
+        for _ in range(50):
+            if rig.drivers[0].used_idx() != rig.drivers[0].last_used:
+                break
+            deadline.wait(0.001)
+        else:
+            rig.drivers[0].kick_evt.write(1)                  # missed the window
+        [done] = rig.wait(1)
+        assert done.head == req.head and done.data == contents[i * 512:(i + 1) * 512]
+    assert rig.device.engine_stats()["polled"] >= 1
+
+
+def test_capacity_change_reaches_the_running_engine(image, rig_factory):
+    """After `vmm disk resize` (the control command) the running engine serves the new
+    sectors and refuses the ones past the new end, and the driver hears of it."""
+    path, _ = image
+    rig = rig_factory(FileDisk(path))
+    assert rig.do_read(SECTORS, 512).status == IOERR
+    assert rig.device.control("resize", {"size": 2 * MiB}) == {"size": 2 * MiB,
+                                                               "sectors": 2 * SECTORS}
+    assert wait_fd(rig.vectors[0], TIMEOUT)                   # config-change interrupt
+    assert rig.do_read(SECTORS, 512).status == OK
+    assert rig.do_write(2 * SECTORS - 1, b"\x42" * 512).status == OK
+    assert host(path, 2 * MiB - 512, 512) == b"\x42" * 512
+    rig.device.control("resize", {"size": MiB // 2})
+    assert rig.do_read(SECTORS // 2, 512).status == IOERR
+    assert rig.do_read(SECTORS // 2 - 1, 512).status == OK
+
+
+def test_multiple_queues(tmp_path, rig_factory):
+    path = tmp_path / "mq.img"
+    contents = make_image(path, MiB)
+    rig = rig_factory(FileDisk(path), num_queues=4, queue_size=64)
+    for q in range(4):
+        data = os.urandom(512)
+        rig.write(q * 100, data, queue=q)
+        [w] = rig.wait(1, queue=q)
+        assert w.status == OK
+        rig.read(q * 100, 512, queue=q)
+        [r] = rig.wait(1, queue=q)
+        assert r.data == data
+    rig.read(1, 512, queue=3)
+    assert rig.wait(1, queue=3)[0].data == contents[512:1024]
+
+
+def test_native_reset_waits_for_requests_in_flight(tmp_path, rig_factory, engine):
+    if engine == "python":
+        pytest.skip("native engine only (SlowDisk covers the Python engine)")
+    path = tmp_path / "reset.img"
+    make_image(path, 8 * MiB)
+    rig = rig_factory(FileDisk(path), engine="native", io_threads=4)
+    for i in range(32):
+        rig.read(i * 256, 128 << 10, kick=False)
+    rig.drivers[0].kick_evt.write(1)
+    for _ in range(int(TIMEOUT / 0.0005)):          # until the engine popped them
+        if rig.device.in_flight() or rig.drivers[0].used_idx():
+            break
+        threading.Event().wait(0.0005)
+    assert rig.device.reset()
+    assert rig.device.in_flight() == 0
+    assert rig.drivers[0].used_idx() == 32           # all completed before the queues went
+
+
+def test_reset_waits_for_requests_in_flight(image, rig_factory, engine):
+    if engine == "native":
+        pytest.skip("SlowDisk slows DiskFile.write_from, which the native engine never "
+                    "calls: test_native_reset_waits_for_requests_in_flight covers it")
+    path, _ = image
+
+    class SlowDisk(FileDisk):
+        def write_from(self, offset, bufs):
+            threading.Event().wait(0.2)
+            return super().write_from(offset, bufs)
+
+    rig = rig_factory(SlowDisk(path))
+    data = os.urandom(512)
+    rig.write(5, data)
+    threading.Event().wait(0.05)
+    assert rig.device.reset()
+    assert rig.device.in_flight() == 0
+    assert host(path, 5 * 512, 512) == data
+    assert rig.drivers[0].used_idx() == 1        # completed before the queues were dropped
+
+
+def test_intx_path_without_event_idx(image, rig_factory):
+    path, contents = image
+    rig = rig_factory(FileDisk(path), rig_kw={"event_idx": False})
+    assert rig.do_read(2, 512).data == contents[1024:1536]
