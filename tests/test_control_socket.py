@@ -433,8 +433,11 @@ def test_disk_resize_reaches_the_real_virtio_blk_plugin(tmp_path, sock_path):
     running = RunningVm(tmp_path, sock_path, devices=(f"virtio_blk:path={image}",),
                         setup=None)
     try:
-        # The device runs sandboxed (the default): the command crosses to its process,
-        # which grows the image file and raises a config-change interrupt.
+        # The device runs sandboxed (the default); status still knows its virtio type.
+        [disk] = [d for d in running.ask("status")["devices"] if d["plugin"] == "virtio_blk"]
+        assert disk["virtio_type"] == "block", disk
+        # The command crosses to its process, which grows the image file and raises a
+        # config-change interrupt.
         answer = running.ask("disk_resize", index=0, size=4 << 20)
         assert answer["ok"], answer
         assert (answer["size"], answer["sectors"]) == (4 << 20, 8192), answer

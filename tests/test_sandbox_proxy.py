@@ -269,7 +269,7 @@ def test_device_control_is_forwarded(mem, policy):
 
 
 def test_state_for_vmm_status(mem, policy):
-    from vmmcore.control_socket import ControlledDevice, device_state
+    from vmmcore.control_socket import ControlledDevice, device_state, status_entry
 
     rig_mem = GuestMemory([(0, 4 * MiB)])
     p = ProxyDevice(lambda m: VirtioPciDevice(Rng(), m), rig_mem, label="rng0",
@@ -278,6 +278,13 @@ def test_state_for_vmm_status(mem, policy):
     try:
         dev = ControlledDevice("rng0", "virtio_rng", 0, "00:01.0", p)
         assert device_state(dev) == "reset"
+        # The virtio type comes from the device process, which built the model.
+        assert p.virtio_type == DeviceType.RNG and fake.virtio_type is None
+        assert status_entry(dev) == {"address": "00:01.0", "label": "rng0",
+                                     "plugin": "virtio_rng", "index": 0, "state": "reset",
+                                     "control": False, "virtio_type": "rng"}
+        assert "virtio_type" not in status_entry(ControlledDevice("fake0", None, None,
+                                                                  "00:02.0", fake))
         p.write_bar(0, 0x14, b"\x01")                # ACKNOWLEDGE (BAR not mapped: direct)
         assert device_state(dev) == "configuring"
         assert device_state(ControlledDevice("fake0", None, None, "00:02.0", fake)) == \

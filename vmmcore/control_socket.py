@@ -218,6 +218,24 @@ def device_state(dev: ControlledDevice) -> str:
     return "present"
 
 
+def status_entry(dev: ControlledDevice) -> dict:
+    """One device in `vmm status`: address, label, plugin, index, state, control,
+    virtio_type (for a virtio device, also a sandboxed one) and error (when it needs a
+    reset)."""
+    entry = {"address": dev.address, "label": dev.label, "plugin": dev.plugin,
+             "index": dev.index, "state": device_state(dev),
+             "control": dev.control_target() is not None}
+    dtype = getattr(dev.model, "device_type", None)
+    if dtype is None:      # a sandboxed device: what its process reported (ProxyDevice)
+        dtype = getattr(dev.pci_device, "virtio_type", None)
+    if dtype is not None:
+        entry["virtio_type"] = getattr(dtype, "name", str(dtype)).lower()
+    reason = getattr(getattr(dev.pci_device, "interrupt", None), "needs_reset_reason", "")
+    if reason:
+        entry["error"] = reason
+    return entry
+
+
 # -- the server ------------------------------------------------------------------------
 
 Handler = Callable[[dict], "dict | tuple[dict, Callable[[], None]]"]
@@ -558,19 +576,7 @@ class ControlServer:
             else:
                 state = "running"
             vcpus.append({"id": loop.vcpu.id, "state": state, "exits": loop.exits})
-        devices = []
-        for dev in list_devices(inst):
-            entry = {"address": dev.address, "label": dev.label, "plugin": dev.plugin,
-                     "index": dev.index, "state": device_state(dev),
-                     "control": dev.control_target() is not None}
-            dtype = getattr(dev.model, "device_type", None)
-            if dtype is not None:
-                entry["virtio_type"] = getattr(dtype, "name", str(dtype)).lower()
-            reason = getattr(getattr(dev.pci_device, "interrupt", None),
-                             "needs_reset_reason", "")
-            if reason:
-                entry["error"] = reason
-            devices.append(entry)
+        devices = [status_entry(dev) for dev in list_devices(inst)]
         exit_ = inst.events.exit
         paused = bool(inst.loops) and all(v["state"] in ("paused", "stopped") for v in vcpus) \
             and inst.paused

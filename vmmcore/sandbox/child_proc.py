@@ -292,6 +292,9 @@ def device_main(sock: socket.socket, build: Callable[[GuestMemory], PciDevice],
             keeper.close()
         info = {"label": device.debug_label(), "pid": os.getpid(),
                 "msix_vectors": device.msix_vectors()}
+        virtio_type = getattr(getattr(device, "device", None), "device_type", None)
+        if virtio_type is not None:      # a VirtioPciDevice: for `vmm status`
+            info["virtio_type"] = int(virtio_type)
     except BaseException as e:
         msg = f"{type(e).__name__}: {e}"
         log.debug("device set-up failed: %s", traceback.format_exc())

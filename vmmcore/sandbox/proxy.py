@@ -70,6 +70,7 @@ from vmmcore.pci.irq import IrqRouter
 from vmmcore.sandbox import protocol as P
 from vmmcore.sandbox.jail import JailConfig
 from vmmcore.sandbox.policy import syscall_name
+from vmmcore.virtio.status import DeviceType
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,13 @@ def _check_int(value: object, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise P.ProtocolError(f"bad integer {value!r}")
     return value
+
+
+def _virtio_type(value: int) -> DeviceType | int:
+    try:
+        return DeviceType(value)
+    except ValueError:
+        return value
 
 
 def _bar_range(item: object) -> BarRange:
@@ -136,6 +144,8 @@ class ProxyDevice(PciDevice):
         self._has_control = False
         self._control_commands: tuple[str, ...] | None = None
         self.device_pid: int | None = None     # the device process (for audit records)
+        # The virtio device type the child built (`vmm status`); None if not virtio.
+        self.virtio_type: DeviceType | int | None = None
         if threading.active_count() > 1:
             log.warning("device %s: forking with %d threads running (%s); a lock one of "
                         "them holds stays locked in the device process. Create every "
@@ -178,6 +188,8 @@ class ProxyDevice(PciDevice):
         if not isinstance(info, dict):
             raise DeviceDied(f"device {self._label}: bad INIT answer")
         self._msix_vectors = _check_int(info.get("msix_vectors", 0), 0, 2048)
+        if info.get("virtio_type") is not None:
+            self.virtio_type = _virtio_type(_check_int(info["virtio_type"], 1, 255))
         control = self._op({"op": "control_commands"})
         if isinstance(control, dict) and control.get("control"):
             cmds = control.get("commands")
