@@ -57,6 +57,10 @@ LEVEL2_MODULES = [
 
 MARKER = "E2E:"
 
+# Programs of the level-2 image: C sources beside this file, built static with gcc when
+# the image is built (path in the image -> source).
+LEVEL2_PROGRAMS = {"bin/virgl_check": Path(__file__).with_name("virgl_check.c")}
+
 
 def cache_dir() -> Path:
     base = os.environ.get("VMM_TEST_CACHE") or os.path.expanduser("~/.cache/vmm-test")
@@ -518,12 +522,29 @@ while [ $i -lt 20 ]; do echo "vmm e2e: fbcon line $i ##########################"
 say "fbcon-drawn=yes"
 sleep 1
 """,
+    # virgl (backend=virglrenderer): the driver negotiated VIRTIO_GPU_F_VIRGL, and
+    # virgl_check (virgl_check.c) renders a CLEAR through the DRM uapi and reads it back.
+    "gpu3d": r"""say() { echo "E2E: $*"; }
+say "virgl-dmesg=$(dmesg | grep -c 'features: +virgl')"
+/bin/virgl_check
+""",
     # virtio-input: every input device whose sysfs path is under a virtio device.
     "input": r"""say() { echo "E2E: $*"; }
 say "input-virtio=$(grep -c '^S: Sysfs=.*/virtio[0-9]*/' /proc/bus/input/devices)"
 say "input-names=$(grep '^N: Name=' /proc/bus/input/devices | sed 's/^N: Name=//; s/"//g; s/ /_/g' | tr '\n' ',')"
 """,
 }
+
+
+def build_program(source: Path) -> bytes:
+    """A C source built into a static, stripped x86-64 executable (gcc, glibc's libc.a)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / source.stem
+        proc = subprocess.run(["gcc", "-static", "-Os", "-s", "-Wall", "-o", str(out),
+                               str(source)], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building {source.name} failed: {proc.stderr.strip()}")
+        return out.read_bytes()
 
 
 def _write_image(path: Path, w: CpioWriter, keep: int = 4) -> Path:
@@ -570,7 +591,8 @@ def build_level2_initramfs(kernel: Kernel, scenarios: dict[str, str] | None = No
     ``e2e_scenario=NAME[,NAME...]`` on the kernel command line."""
     scenarios = dict(sorted({**LEVEL2_SCENARIOS, **(scenarios or {})}.items()))
     key = _image_key("level2", kernel.release, LEVEL2_INIT, ",".join(LEVEL2_MODULES), default,
-                     *[f"{k}={v}" for k, v in scenarios.items()])
+                     *[f"{k}={v}" for k, v in scenarios.items()],
+                     *[f"{k}={v.read_text()}" for k, v in LEVEL2_PROGRAMS.items()])
     out = cache_dir() / f"level2-{kernel.release}-{key}.cpio.gz"
     if out.exists():
         return out
@@ -580,6 +602,8 @@ def build_level2_initramfs(kernel: Kernel, scenarios: dict[str, str] | None = No
     w.file("scenario.sh", default.encode(), 0o755)
     for name, text in scenarios.items():
         w.file(f"scenarios/{name}.sh", text.encode(), 0o755)
+    for name, source in LEVEL2_PROGRAMS.items():
+        w.file(name, build_program(source), 0o755)
     return _write_image(out, w)
 
 

@@ -1,5 +1,6 @@
 """Stock Linux drivers against vmm's devices: virtio-blk (raw, qcow2, read-only, second
-disk), virtio-rng, virtio-gpu and its virtio-input devices. Sandbox on throughout.
+disk), virtio-rng, virtio-gpu (2D, and 3D with virgl) and its virtio-input devices.
+Sandbox on throughout.
 
 Each group boots one level-2 VM under `vmm run` (nested where needed) and asserts on the
 guest's own ``E2E:`` markers, printed by the scenarios in images.LEVEL2_SCENARIOS, and on
@@ -33,6 +34,9 @@ def DEVICE_ARGS(tmp) -> dict[str, list[str]]:  # noqa: N802 (a table)
         "gpu_input": ["--gpu", "width=800,height=600,display=headless,"
                                f"screenshot={tmp}/screen.png,"
                                "window_keyboard=true,window_mouse=true"],
+        # virgl: Mesa's llvmpipe renders in the jailed device process at level 1
+        "gpu3d": ["--gpu", "backend=virglrenderer,width=640,height=480,display=headless,"
+                           f"screenshot={tmp}/screen.png"],
     }
 
 
@@ -41,9 +45,11 @@ PLUGINS = {
     "blk_qcow2": ("virtio_blk", "qcow2"),
     "rng": ("virtio_rng",),
     "gpu_input": ("virtio_gpu", "headless"),
+    "gpu3d": ("virtio_gpu", "headless"),
 }
 
-SCENARIOS = {"blk_raw": "blk", "blk_qcow2": "blk", "rng": "rng", "gpu_input": "gpu,input"}
+SCENARIOS = {"blk_raw": "blk", "blk_qcow2": "blk", "rng": "rng", "gpu_input": "gpu,input",
+             "gpu3d": "gpu,gpu3d"}
 
 
 def _boot(group: str, tmp, e2e_kernel) -> harness.VmmResult:
@@ -159,16 +165,45 @@ def test_gpu_drm_device_and_fbcon(gpu_input, e2e_timing):
     assert res.markers.get("fb0") == "virtio_gpudrmfb", res.describe()
     assert res.markers.get("fbcon-bound") == "1", res.describe()
     # fbcon drew through virtio-gpu: the headless scanout is 800x600 and not blank
-    # (the console's text lines cover several percent of it).
+    _assert_console_drawn(tmp / "screen.png", 800, 600)
+
+
+def _assert_console_drawn(png, width: int, height: int) -> None:
+    """The screenshot has the mode's size and is not blank (the console's text lines
+    cover several percent of it)."""
     import numpy as np
     from PIL import Image
 
-    with Image.open(tmp / "screen.png") as shot:
-        assert shot.size == (800, 600)
+    with Image.open(png) as shot:
+        assert shot.size == (width, height)
         lit = int((np.asarray(shot.convert("L")) > 16).sum())
-    assert lit >= 0.01 * 800 * 600, f"screenshot nearly blank: {lit} lit pixels"
+    assert lit >= 0.01 * width * height, f"screenshot nearly blank: {lit} lit pixels"
 
 
 def test_input_devices_appear(gpu_input):
     _, res = gpu_input
     assert res.markers.get("input-virtio") == "2", res.describe()   # keyboard and mouse
+
+
+# --------------------------------------------------------------------------- virtio-gpu, virgl
+
+
+@pytest.fixture(scope="module")
+def gpu3d(e2e_kernel, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu3d")
+    return tmp, _boot("gpu3d", tmp, e2e_kernel)
+
+
+def test_gpu_virgl_negotiated_and_renders(gpu3d, e2e_timing):
+    """Debian's virtio_gpu negotiates virgl with backend=virglrenderer; a guest program
+    (virgl_check.c) clears a render target through EXECBUFFER and reads every pixel back;
+    fbcon, drawing through dumb buffers that virglrenderer now holds, reaches the
+    headless screenshot."""
+    tmp, res = gpu3d
+    _common(res, e2e_timing, "gpu virgl")
+    assert int(res.markers.get("virgl-dmesg", "0")) >= 1, res.describe()
+    assert res.markers.get("virgl-3d-features") == "1", res.describe()
+    assert res.markers.get("virgl-caps-max-version") == "1", res.describe()
+    assert res.markers.get("virgl-bad-pixels") == "0", res.describe()
+    assert res.markers.get("virgl-check") == "ok", res.describe()
+    _assert_console_drawn(tmp / "screen.png", 640, 480)
