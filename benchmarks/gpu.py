@@ -2,13 +2,15 @@
 plain copy of the same bytes, measured side by side in one run.
 
     python -m benchmarks.gpu [--width 1920 --height 1080]
-        [--seconds 3] [--pieces 1]
+        [--seconds 3] [--pieces 1] [--backend 2d|virglrenderer]
 
 The guest side is the tier-1 test driver (vmmcore.virtio.testing.DeviceHarness): the
 backing is a scatter list of `--pieces` entries (1: contiguous; Linux's fbdev shmem is
 page-scattered, e.g. 2025 pieces for 1920x1080), and the display is headless (the
-frame is converted to RGB and copied into its framebuffer). The baseline copies the
-same number of bytes from one numpy buffer to another.
+frame is converted to RGB and copied into its framebuffer). With
+--backend virglrenderer the same 2D commands go through virglrenderer (a texture
+write, then a readback for the display), as Linux's fbcon does in virgl mode. The
+baseline copies the same number of bytes from one numpy buffer to another.
 """
 
 from __future__ import annotations
@@ -41,13 +43,20 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=1080)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--pieces", type=int, default=1)
+    ap.add_argument("--backend", choices=("2d", "virglrenderer"), default="2d")
     a = ap.parse_args()
     w, h = a.width, a.height
     nbytes = w * h * 4
     mem_size = ((nbytes * 2 + (8 << 20)) + 0xFFFFF) & ~0xFFFFF
     disp = Display(DisplayOptions(width=w, height=h))
-    harness = DeviceHarness(VirtioGpu(disp, w, h), mem_size=mem_size)
-    harness.activate()
+    if a.backend == "virglrenderer":
+        from vmm_virtio_gpu.device3d import VirglGpu
+
+        harness = DeviceHarness(VirglGpu(disp, w, h), mem_size=mem_size)
+        harness.activate(1 << p.VIRTIO_GPU_F_VIRGL)
+    else:
+        harness = DeviceHarness(VirtioGpu(disp, w, h), mem_size=mem_size)
+        harness.activate()
     try:
         base = mem_size // 2
         each = -(-nbytes // a.pieces)
@@ -82,7 +91,7 @@ def main() -> None:
         np.copyto(dst, src)
         copies += 1
     copy_fps = copies / (time.perf_counter() - t0)
-    print(f"virtio-gpu {w}x{h}, {len(entries)} backing piece(s): "
+    print(f"virtio-gpu ({a.backend}) {w}x{h}, {len(entries)} backing piece(s): "
           f"{gpu_fps:.1f} frames/s (transfer + flush)")
     print(f"plain copy of {nbytes} bytes: {copy_fps:.1f} copies/s")
     print(f"ratio gpu/copy: {gpu_fps / copy_fps:.3f}")
