@@ -212,6 +212,8 @@ def open_disk(path: str | os.PathLike[str], format: str | None = None, *,
     if _depth > MAX_BACKING_DEPTH:
         raise DiskError(f"{path}: backing chain deeper than {MAX_BACKING_DEPTH} "
                         "(a loop?)")
+    from vmmcore.registry import note_plugin_use
+
     path = Path(path)
     formats = _formats()
     name = format or detect_format(path, formats)
@@ -223,6 +225,7 @@ def open_disk(path: str | os.PathLike[str], format: str | None = None, *,
                read_only: bool = True) -> DiskFile:
         return open_disk(p, format, read_only=read_only, _depth=_depth + 1)
 
+    note_plugin_use("disk_format", name)      # its policy joins the device's jail
     fmt = _instance(formats[name][1])
     if direct:
         if not _accepts_keyword(fmt.open, "direct"):

@@ -434,7 +434,7 @@ def _numpy() -> Any:
 def open_display(name: str, options: DisplayOptions | None = None) -> Display:
     """Build the display backend plugin called name (``vmm.displays``)."""
     from vmmcore.plugin_api import load_factory
-    from vmmcore.registry import get_registry
+    from vmmcore.registry import get_registry, note_plugin_use
 
     registry = get_registry()
     record = registry.get("display", name)
@@ -445,6 +445,7 @@ def open_display(name: str, options: DisplayOptions | None = None) -> Display:
         raise DisplayError(f"display {name} is broken: {record.error}")
     if not record.spec.implemented:
         raise DisplayError(f"display {name} is not implemented yet")
+    note_plugin_use("display", name)          # its policy joins the device's jail
     factory: Callable[..., Display] = load_factory(record.spec)
     display = factory(options or DisplayOptions())
     if not isinstance(display, Display):

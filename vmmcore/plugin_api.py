@@ -282,9 +282,11 @@ class PluginSpec:
     positional   the option that a leading bare value fills, as in crosvm's
                  ``--block /path,ro`` (path) — None when there is none
     magic        disk formats only: the bytes at offset 0 that identify the format
-    policy_with  (API 1.1) plugin kinds whose installed plugins' policies are compiled
-                 into this device's filter, because their code runs in its process
-                 (virtio_blk: ("disk_format",); virtio_gpu: ("display",))
+    policy_with  (API 1.1) plugin kinds whose plugins' policies are compiled into this
+                 device's filter, because their code runs in its process
+                 (virtio_blk: ("disk_format",); virtio_gpu: ("display",)): those its
+                 factory opened through vmmcore.disk.open_disk / vmmcore.display.
+                 open_display, or every installed one of a kind it opened none of
     sandbox_binds (API 1.1) callable(options) -> host paths the device process reaches
                  after the jail closes (e.g. a Wayland socket it connects to later);
                  each is bind-mounted at the same path inside the jail, read-write;

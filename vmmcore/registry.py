@@ -20,9 +20,12 @@ it never propagates.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import importlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,3 +363,31 @@ def reset_registry() -> None:
 
 __all__ = ["ALL_KINDS", "HOOKS_KIND", "PluginRecord", "Registry", "canonical",
            "get_registry", "reset_registry"]
+
+
+# Which plugins a device uses -----------------------------------------------------------
+
+_plugin_uses: contextvars.ContextVar[dict[str, set[str]] | None] = contextvars.ContextVar(
+    "vmm_plugin_uses", default=None)
+
+
+@contextlib.contextmanager
+def track_plugin_use() -> Iterator[dict[str, set[str]]]:
+    """Collect, as {kind: {name, ...}}, the plugins that note_plugin_use() reports while
+    the block runs: the VM builder wraps a device's factory in it, so that the device's
+    jail gets the seccomp policies of the disk formats or display it really opened
+    (PluginSpec.policy_with) rather than those of every installed one."""
+    uses: dict[str, set[str]] = {}
+    token = _plugin_uses.set(uses)
+    try:
+        yield uses
+    finally:
+        _plugin_uses.reset(token)
+
+
+def note_plugin_use(kind: str, name: str) -> None:
+    """Say that plugin kind/name is being used (vmmcore.disk.open_disk and
+    vmmcore.display.open_display call this); a no-op outside track_plugin_use()."""
+    uses = _plugin_uses.get()
+    if uses is not None:
+        uses.setdefault(kind, set()).add(name)

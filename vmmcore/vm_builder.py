@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from vmmcore.memory import GuestMemory
 from vmmcore.pci.device import PciDevice
 from vmmcore.pci.root import PciRoot, build_pci_root
 from vmmcore.plugin_api import DeviceContext, load_factory
-from vmmcore.registry import PluginRecord, get_registry
+from vmmcore.registry import PluginRecord, get_registry, track_plugin_use
 from vmmcore.sandbox.jail import JailConfig
 from vmmcore.sandbox.policy import compile_policy
 from vmmcore.sandbox.proxy import ProxyDevice, SandboxSupervisor
@@ -265,20 +266,32 @@ def _device_model(record: PluginRecord, device: DeviceConfig, ctx: DeviceContext
         raise VmmError(f"device {ctx.name}: {type(e).__name__}: {e}") from e
 
 
-def _jail(inst: VmInstance, record: PluginRecord, device: DeviceConfig) -> JailConfig:
-    """The device process's jail: its plugin's policy (plus those of the plugins whose
-    code runs in it, e.g. disk formats), the binds and preloads the plugin declares."""
-    spec = record.spec
+def jail_policies(record: PluginRecord, used: Mapping[str, Iterable[str]]) -> list[Path]:
+    """The policy files of a device's jail: its plugin's, plus, for each kind in its
+    policy_with, those of the plugins of that kind whose code runs in the device process.
+    ``used`` is what its factory opened (registry.track_plugin_use: the disk formats of
+    its image and backing files, its display); for a kind with nothing recorded (a
+    plugin that loads them some other way) every installed plugin of the kind counts."""
     if record.policy_path is None:
         raise ConfigError(f"device {record.name} ships no seccomp policy; "
                           "run it with --disable-sandbox")
     registry = get_registry()
     policies = [record.policy_path]
-    for kind in spec.policy_with:
-        for name in registry.names(kind):
+    for kind in record.spec.policy_with:
+        for name in sorted(used.get(kind, ())) or registry.names(kind):
             other = registry.get(kind, name)
-            if other is not None and not other.broken and other.policy_path is not None:
+            if other is not None and not other.broken and other.policy_path is not None \
+                    and other.policy_path not in policies:
                 policies.append(other.policy_path)
+    return policies
+
+
+def _jail(inst: VmInstance, record: PluginRecord, device: DeviceConfig,
+          used: Mapping[str, Iterable[str]]) -> JailConfig:
+    """The device process's jail: its policies (jail_policies), the binds and preloads
+    the plugin declares."""
+    spec = record.spec
+    policies = jail_policies(record, used)
     binds = spec.sandbox_binds(dict(device.options)) if spec.sandbox_binds else []
     return JailConfig(
         seccomp=compile_policy(policies, log_failures=inst.config.seccomp_log_failures),
@@ -308,7 +321,8 @@ def _create_device(inst: VmInstance, device: DeviceConfig, index: int) -> PciDev
     ctx = DeviceContext(name=name, index=index, mem_size=inst.config.mem_mib * MiB,
                         vm_memory=vm_memory)
     try:
-        model = _device_model(record, device, ctx)
+        with track_plugin_use() as used:
+            model = _device_model(record, device, ctx)
         if not isinstance(model, VirtioDevice | PciDevice):
             raise VmmError(f"device {name}: the plugin's factory returned "
                            f"{type(model).__name__}, not a VirtioDevice or PciDevice")
@@ -328,7 +342,7 @@ def _create_device(inst: VmInstance, device: DeviceConfig, index: int) -> PciDev
         return build(inst.mem)
     try:
         keep = [*model.keep_fds(), vm_memory.fileno()]
-        proxy = ProxyDevice(build, inst.mem, label=name, jail=_jail(inst, record, device),
+        proxy = ProxyDevice(build, inst.mem, label=name, jail=_jail(inst, record, device, used),
                             keep_fds=keep)
     finally:
         # The device process has its own copies now (or there is none): the model's
