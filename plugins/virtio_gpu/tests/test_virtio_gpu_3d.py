@@ -16,6 +16,8 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_virtio_gpu_device import GpuDriver, needs_headless, png_pixels
 from vmm_virtio_gpu import protocol as p
 from vmm_virtio_gpu.device3d import VirglGpu
@@ -283,3 +285,56 @@ def test_cursor_image_is_read_back_from_virglrenderer(gpu, display):
     code, _ = gpu.send(hdr(p.CMD_UPDATE_CURSOR), p.UPDATE_CURSOR.pack(0, 0, 0, 0, 6, 0, 0),
                        queue=1)
     assert code == p.RESP_ERR_INVALID_PARAMETER and not gpu.h.reset_reasons
+
+
+u32 = st.integers(0, 0xFFFF_FFFF)
+# bodies of the commands whose every field this side checks before virglrenderer
+FUZZED = {
+    p.CMD_RESOURCE_CREATE_3D: st.tuples(*[st.sampled_from([0, 1, 2, 3, 7, 64, 65536,
+                                                           0xFFFF_FFFF]) | u32] * 11)
+    .map(lambda f: p.RESOURCE_CREATE_3D.pack(*f)),
+    p.CMD_TRANSFER_TO_HOST_3D: st.tuples(*[st.integers(0, 80) | u32] * 6, st.integers(
+        0, 1 << 16) | st.integers(0, (1 << 64) - 1), st.sampled_from([1, 2, 9]),
+        st.integers(0, 3), st.sampled_from([0, W * 4, 1]), u32)
+    .map(lambda f: p.TRANSFER_HOST_3D.pack(*f)),
+    p.CMD_TRANSFER_FROM_HOST_3D: st.tuples(*[st.integers(0, 80) | u32] * 6, st.integers(
+        0, 1 << 16), st.sampled_from([1, 2, 9]), st.integers(0, 3),
+        st.sampled_from([0, W * 4, 7]), u32).map(lambda f: p.TRANSFER_HOST_3D.pack(*f)),
+    p.CMD_TRANSFER_TO_HOST_2D: st.tuples(*[st.integers(0, 80) | u32] * 4,
+                                         st.integers(0, 1 << 16), st.sampled_from([1, 2, 9]))
+    .map(lambda f: p.TRANSFER_TO_HOST_2D.pack(*f)),
+    p.CMD_CTX_ATTACH_RESOURCE: st.sampled_from([1, 2, 9]).map(p.CTX_RESOURCE.pack),
+    p.CMD_CTX_DETACH_RESOURCE: st.sampled_from([1, 2, 9]).map(p.CTX_RESOURCE.pack),
+    p.CMD_SET_SCANOUT: st.tuples(*[st.integers(0, 80)] * 4, st.integers(0, 2),
+                                 st.sampled_from([0, 1, 2, 9]))
+    .map(lambda f: p.SET_SCANOUT.pack(*f)),
+    p.CMD_RESOURCE_FLUSH: st.tuples(*[st.integers(0, 80) | u32] * 4,
+                                    st.sampled_from([1, 2, 9]))
+    .map(lambda f: p.RESOURCE_FLUSH.pack(*f)),
+}
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(sorted(FUZZED)), st.data()), min_size=1,
+                max_size=6), st.sampled_from([CTX, 0, 77]))
+def test_fuzzed_3d_requests_are_answered_and_the_device_lives(gpu, commands, ctx):
+    """Random boxes, offsets, levels, ids and sizes against a live render target: every
+    request gets an OK or an error response, never NEEDS_RESET, and afterwards the
+    device (in this same process as virglrenderer) still renders."""
+    dev = gpu.h.device
+    if 1 not in dev.resources:
+        gpu.render_target()
+    for ctype, data in commands:
+        body = data.draw(FUZZED[ctype])
+        code = gpu.send(hdr(ctype, ctx=ctx), body)[0]
+        assert code == p.RESP_OK_NODATA or 0x1200 <= code <= 0x1205, hex(code)
+    assert not gpu.h.reset_reasons
+    assert not [e for e in dev.errors if "internal error" in e[2]], dev.errors[-3:]
+    for rid in [r for r in dev.resources if r != 1]:
+        assert gpu.unref(rid) == p.RESP_OK_NODATA
+    fresh = max(dev.contexts | {CTX}) + 1       # the fuzzing may have detached resource 1
+    assert gpu.ctx_create(fresh) == p.RESP_OK_NODATA
+    assert gpu.ctx_attach(fresh, 1) == p.RESP_OK_NODATA
+    assert gpu.submit(fresh, clear_stream(1)) == p.RESP_OK_NODATA
+    assert gpu.send(hdr(p.CMD_CTX_DESTROY, ctx=fresh))[0] == p.RESP_OK_NODATA
