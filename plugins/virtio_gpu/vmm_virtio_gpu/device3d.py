@@ -84,6 +84,7 @@ class VirglGpu(VirtioGpu):
         self._update_config()
         self.renderer = Renderer()
         self.contexts: set[int] = set()
+        self._said_unavailable = False           # log the reason once, answer every time
 
     # -- talking to virglrenderer --------------------------------------------------------
 
@@ -93,6 +94,9 @@ class VirglGpu(VirtioGpu):
         try:
             return self.renderer.call(fn, *args)
         except VirglUnavailable as e:
+            if not self._said_unavailable:
+                self._said_unavailable = True
+                log.error("virtio-gpu %s: %s", self.label, e)
             raise GpuError(p.RESP_ERR_UNSPEC, str(e)) from None
 
     def _complete_fence(self, fence_id: int, ctx_id: int) -> None:
