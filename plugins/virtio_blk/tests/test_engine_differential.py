@@ -128,7 +128,9 @@ class Twin:
             if write:
                 layout.writable.append((addr, n))
         if chain.breakage == "outside" and descs:
-            descs[-1][0] = 1 << 40
+            n = descs[-1][1]                               # straddle the end of RAM if
+            mem_size = self.rigs["python"].mem.size        # it can, else far outside
+            descs[-1][0] = mem_size - n // 2 if n > 1 else 1 << 40
         if chain.breakage == "nowrite":
             for d in descs:
                 d[2] &= ~VIRTQ_DESC_F_WRITE
@@ -141,7 +143,7 @@ class Twin:
             if not more and chain.breakage == "loop":
                 nxt, more = start, VIRTQ_DESC_F_NEXT
             if not more and chain.breakage == "badnext":
-                nxt, more = 16 + 3, VIRTQ_DESC_F_NEXT
+                nxt, more = 16, VIRTQ_DESC_F_NEXT            # == the queue size
             self.write_all(lambda r, i=i, a=addr, n=n, f=flags | more, x=nxt:
                            r.drivers[0].write_desc(start + i, a, n, f, x))
         layout.head = 16 + 5 if chain.breakage == "badhead" else start
@@ -155,7 +157,7 @@ class Twin:
             if not more and chain.breakage == "loop":
                 nxt, more = 0, VIRTQ_DESC_F_NEXT
             if not more and chain.breakage == "badnext":
-                nxt, more = len(descs) + 1, VIRTQ_DESC_F_NEXT
+                nxt, more = len(descs), VIRTQ_DESC_F_NEXT    # == the table length
             if i == 0 and chain.breakage == "nested":
                 addr, n, flags = table, 16, VIRTQ_DESC_F_INDIRECT
             self.write_all(lambda r, i=i, a=addr, n=n, f=flags | more, x=nxt:
