@@ -338,3 +338,48 @@ def test_fuzzed_3d_requests_are_answered_and_the_device_lives(gpu, commands, ctx
     assert gpu.ctx_attach(fresh, 1) == p.RESP_OK_NODATA
     assert gpu.submit(fresh, clear_stream(1)) == p.RESP_OK_NODATA
     assert gpu.send(hdr(p.CMD_CTX_DESTROY, ctx=fresh))[0] == p.RESP_OK_NODATA
+
+
+# ------------------------------------------------------------------ the renderer thread
+
+
+class _SlowFences:
+    """A stand-in virglrenderer whose fences retire on the third poll after creation."""
+
+    def __init__(self) -> None:
+        self.pending: list[list[int]] = []
+        self.retired: list[int] = []
+
+    def virgl_renderer_create_fence(self, seq: int, ctx_id: int) -> int:
+        self.pending.append([seq, 3])
+        return 0
+
+    def virgl_renderer_poll(self) -> None:
+        from vmm_virtio_gpu.virgl import _on_write_fence
+
+        for item in self.pending:
+            item[1] -= 1
+        while self.pending and self.pending[0][1] <= 0:
+            seq = self.pending.pop(0)[0]
+            self.retired.append(seq)
+            _on_write_fence(None, seq)
+
+
+def test_a_fence_waits_for_itself_across_the_sequence_wrap(monkeypatch):
+    """Fence numbers wrap from FENCE_SEQ_MAX to 1; the first fence after the wrap must
+    still wait until virglrenderer retires it (it once counted as done at once)."""
+    from vmm_virtio_gpu import virgl
+
+    fake = _SlowFences()
+    r = virgl.Renderer()
+    monkeypatch.setattr(r, "call", lambda fn, *args: fn(fake, *args))
+    r._next_fence = virgl.FENCE_SEQ_MAX - 1        # and that fence has been retired
+    monkeypatch.setattr(virgl._fences, "done", r._next_fence)
+    assert r.fence(0) and fake.retired == [virgl.FENCE_SEQ_MAX]
+    assert r.fence(0) and fake.retired == [virgl.FENCE_SEQ_MAX, 1]
+    assert r.fence(0) and fake.retired == [virgl.FENCE_SEQ_MAX, 1, 2]
+    assert virgl.fence_reached(5, 5) and virgl.fence_reached(6, 5)
+    assert not virgl.fence_reached(4, 5) and not virgl.fence_reached(0, 1)
+    assert virgl.fence_reached(1, virgl.FENCE_SEQ_MAX)
+    assert not virgl.fence_reached(virgl.FENCE_SEQ_MAX, 1)
+

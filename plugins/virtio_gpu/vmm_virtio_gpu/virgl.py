@@ -116,7 +116,19 @@ _fences = _FenceState()
 
 
 def _on_write_fence(cookie: Any, fence: int) -> None:
-    _fences.done = max(_fences.done, fence)
+    # virglrenderer retires fences in order: the newest is the one to remember (a max()
+    # would stick at the top once the sequence numbers wrap around)
+    _fences.done = fence
+
+
+#: fence sequence numbers run 1..FENCE_SEQ_MAX (virglrenderer takes a positive int)
+FENCE_SEQ_MAX = 0x7FFF_FFFF
+
+
+def fence_reached(done: int, seq: int) -> bool:
+    """Whether fence `done` being retired means fence `seq` is: `done` is `seq` or up to
+    half the sequence space after it, counting across the wrap from FENCE_SEQ_MAX to 1."""
+    return (done - seq) % FENCE_SEQ_MAX < FENCE_SEQ_MAX // 2
 
 
 # Created at import (before any jail closes): a libffi closure needs executable memory.
@@ -211,14 +223,14 @@ class Renderer:
     def fence(self, ctx_id: int) -> bool:
         """Wait until the work submitted so far is done on the host GPU (a virglrenderer
         fence, polled); False after FENCE_TIMEOUT seconds."""
-        self._next_fence = self._next_fence % 0x7FFF_FFFF + 1
+        self._next_fence = self._next_fence % FENCE_SEQ_MAX + 1
         seq = self._next_fence
         if self.call(lambda lib: lib.virgl_renderer_create_fence(seq, ctx_id)) != 0:
             return False
         deadline = time.monotonic() + FENCE_TIMEOUT
         while True:
             self.call(lambda lib: lib.virgl_renderer_poll())
-            if _fences.done == seq or _fences.done > seq:
+            if fence_reached(_fences.done, seq):
                 return True
             if time.monotonic() > deadline:
                 return False
