@@ -383,3 +383,30 @@ def test_a_fence_waits_for_itself_across_the_sequence_wrap(monkeypatch):
     assert virgl.fence_reached(1, virgl.FENCE_SEQ_MAX)
     assert not virgl.fence_reached(virgl.FENCE_SEQ_MAX, 1)
 
+
+def test_an_unexpected_error_starting_virglrenderer_is_answered_not_hung(monkeypatch):
+    """Anything _initialise raises (not only VirglUnavailable) reaches the caller as
+    VirglUnavailable; the caller waited forever on the thread's `ready` before."""
+    import threading
+
+    from vmm_virtio_gpu import virgl
+
+    def boom(cookie, cbs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(virgl, "_initialise", boom)
+    r = virgl.Renderer()
+    result: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            r.call(lambda lib: None)
+        except BaseException as e:  # noqa: BLE001 (handed to the test)
+            result.append(e)
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "Renderer.call hung on a renderer that failed to start"
+    assert isinstance(result[0], VirglUnavailable) and "RuntimeError: boom" in str(result[0])
+    assert virgl.Renderer._active is None

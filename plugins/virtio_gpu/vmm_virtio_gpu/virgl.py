@@ -190,8 +190,10 @@ class Renderer:
     def _run(self, ready: threading.Event) -> None:
         try:
             self.lib = _initialise(self._cookie, self._cbs)
-        except VirglUnavailable as e:
-            self.error = str(e)
+        except Exception as e:  # whatever it is, the caller waits on `ready`: say why
+            self.error = str(e) if isinstance(e, VirglUnavailable) else (
+                f"virtio-gpu backend=virglrenderer: initialising virglrenderer failed: "
+                f"{type(e).__name__}: {e}")
             with Renderer._owner_lock:
                 Renderer._active = None
             ready.set()
