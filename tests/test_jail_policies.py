@@ -98,3 +98,27 @@ def test_virtio_gpu_jail_has_the_display_it_opened_only():
     policies = jail_policies(gpu, used)
     assert policies == [gpu.policy_path, headless.policy_path]
     assert not {o.policy_path for o in others if o is not None} & set(policies)
+
+
+def test_virtio_gpu_2d_jail_maps_nothing_executable():
+    """API 1.4 sandbox_policies: only backend=virglrenderer compiles Mesa's rules (mmap
+    and mprotect with PROT_EXEC, opens, directory listings) into the GPU's filter; the
+    2D device keeps the common policy's "nothing executable" (it once had them all)."""
+    from vmmcore.sandbox.policy import ALLOW, merge, parse_files
+
+    gpu = record("device", "virtio_gpu")
+    headless = record("display", "headless")
+    used = {"display": {"headless"}}
+
+    def unconditional(options) -> set[str]:
+        rules = merge(parse_files(jail_policies(gpu, used, options)))
+        return {r.syscall for r in rules if r.action == ALLOW and not r.atoms}
+
+    virgl = gpu.policy_path.parent / "virtio_gpu_virgl.policy"
+    assert jail_policies(gpu, used, {"backend": "2d"}) == [gpu.policy_path,
+                                                           headless.policy_path]
+    assert jail_policies(gpu, used, {"backend": "virglrenderer"}) == [
+        gpu.policy_path, virgl, headless.policy_path]
+    mesa = {"mmap", "mprotect", "sched_setaffinity", "getdents64"}
+    assert not mesa & unconditional({"backend": "2d"})
+    assert mesa <= unconditional({"backend": "virglrenderer"})

@@ -207,9 +207,14 @@ def test_virtio_gpu_virgl_renders_in_its_jail(sandboxed):
     model = factory(o, ctx)
     jail = JailConfig(binds=[_bind_mount(b) for b in spec.sandbox_binds(o)],
                       preload=spec.sandbox_preload)
+    # the policies the VM builder compiles (vm_builder.jail_policies): API 1.4's
+    # sandbox_policies add virtio_gpu_virgl.policy for this backend only
+    policies = [policy, *(str(Path(policy).parent / name)
+                          for name in spec.sandbox_policies(o)), headless_policy]
+    assert len(policies) == 3
     try:
         with PciVirtioRig(lambda mem: VirtioPciDevice(model, mem, label=ctx.name),
-                          sandboxed=sandboxed, policies=[policy, headless_policy],
+                          sandboxed=sandboxed, policies=policies,
                           jail=jail, features=1 << VIRTIO_GPU_F_VIRGL,
                           keep_fds=model.keep_fds(),
                           label=ctx.name, timeout=30) as rig:

@@ -45,7 +45,8 @@ from typing import Any
 #: 1.2: DiskFile.file_extent() / FileExtent; VirtioInterrupt.queue_irqfd() and
 #: add_route_listener() (a device's native data plane may signal irqfds itself).
 #: 1.3: a sandbox_binds entry may be a (path, writable) pair (read-only binds).
-API_VERSION = "1.3"
+#: 1.4: PluginSpec.sandbox_policies (further policy files for some option values).
+API_VERSION = "1.4"
 
 #: The plugin kinds, and the entry-point group each is discovered in.
 KIND_GROUPS: dict[str, str] = {
@@ -293,6 +294,10 @@ class PluginSpec:
                  (API 1.3) an entry (path, False) is bound read-only (libraries, data)
     sandbox_preload (API 1.1) modules the device imports lazily, imported before the jail
                  closes (afterwards there is no file system to import from)
+    sandbox_policies (API 1.4) callable(options) -> further policy files (relative to the
+                 package directory, like ``policy``) compiled into this device's filter
+                 for these options only, so that what one mode needs does not widen the
+                 others (virtio_gpu: Mesa's executable mappings for backend=virglrenderer)
     """
 
     name: str
@@ -309,6 +314,7 @@ class PluginSpec:
     policy_with: tuple[str, ...] = ()
     sandbox_binds: Callable[[dict[str, Any]], list[str | tuple[str, bool]]] | None = None
     sandbox_preload: tuple[str, ...] = ()
+    sandbox_policies: Callable[[dict[str, Any]], list[str]] | None = None
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):

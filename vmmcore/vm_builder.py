@@ -266,9 +266,11 @@ def _device_model(record: PluginRecord, device: DeviceConfig, ctx: DeviceContext
         raise VmmError(f"device {ctx.name}: {type(e).__name__}: {e}") from e
 
 
-def jail_policies(record: PluginRecord, used: Mapping[str, Iterable[str]]) -> list[Path]:
-    """The policy files of a device's jail: its plugin's, plus, for each kind in its
-    policy_with, those of the plugins of that kind whose code runs in the device process.
+def jail_policies(record: PluginRecord, used: Mapping[str, Iterable[str]],
+                  options: Mapping[str, object] | None = None) -> list[Path]:
+    """The policy files of a device's jail: its plugin's, those its sandbox_policies
+    names for these options, plus, for each kind in its policy_with, those of the plugins
+    of that kind whose code runs in the device process.
     ``used`` is what its factory opened (registry.track_plugin_use: the disk formats of
     its image and backing files, its display); for a kind with nothing recorded (a
     plugin that loads them some other way) every installed plugin of the kind counts."""
@@ -277,6 +279,13 @@ def jail_policies(record: PluginRecord, used: Mapping[str, Iterable[str]]) -> li
                           "run it with --disable-sandbox")
     registry = get_registry()
     policies = [record.policy_path]
+    extra = record.spec.sandbox_policies
+    for name in extra(dict(options or {})) if extra else ():
+        path = record.policy_path.parent / name
+        if not path.is_file():
+            raise ConfigError(f"device {record.name}: its seccomp policy file {path} "
+                              "is missing")
+        policies.append(path)
     for kind in record.spec.policy_with:
         for name in sorted(used.get(kind, ())) or registry.names(kind):
             other = registry.get(kind, name)
@@ -291,7 +300,7 @@ def _jail(inst: VmInstance, record: PluginRecord, device: DeviceConfig,
     """The device process's jail: its policies (jail_policies), the binds and preloads
     the plugin declares."""
     spec = record.spec
-    policies = jail_policies(record, used)
+    policies = jail_policies(record, used, device.options)
     binds = spec.sandbox_binds(dict(device.options)) if spec.sandbox_binds else []
     return JailConfig(
         seccomp=compile_policy(policies, log_failures=inst.config.seccomp_log_failures),

@@ -21,6 +21,12 @@ def _sandbox_binds(options: dict[str, Any]) -> list[str | tuple[str, bool]]:
     return list(sandbox_paths())
 
 
+def _sandbox_policies(options: dict[str, Any]) -> list[str]:
+    """backend=virglrenderer: Mesa's executable mappings, opens and directory listings;
+    the 2D device does without them."""
+    return ["virtio_gpu_virgl.policy"] if options.get("backend") == "virglrenderer" else []
+
+
 def _validate(options: dict[str, Any]) -> None:
     display = options["display"]
     from vmmcore.registry import get_registry
@@ -34,7 +40,7 @@ def _validate(options: dict[str, Any]) -> None:
 PLUGIN = PluginSpec(
     name="virtio_gpu",
     kind="device",
-    api_version="1.3",                # read-only sandbox_binds
+    api_version="1.4",                # read-only sandbox_binds, sandbox_policies
     summary="virtio GPU: 2D scanout (virgl 3D where libvirglrenderer works)",
     options=(
         Int("width", default=1280, min=1, max=16384, help="Display width in pixels."),
@@ -66,6 +72,7 @@ PLUGIN = PluginSpec(
     factory="vmm_virtio_gpu.factory:create",
     policy_with=("display",),                 # the display backend runs in its process
     sandbox_binds=_sandbox_binds,
+    sandbox_policies=_sandbox_policies,
     # imported lazily by the 3D device (cffi's backend among them), so before the jail
     sandbox_preload=("_cffi_backend", "cffi", "vmm_virtio_gpu.virgl",
                      "vmm_virtio_gpu.device3d", "vmm_virtio_gpu.limits3d"),
