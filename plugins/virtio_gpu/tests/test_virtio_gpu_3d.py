@@ -410,3 +410,17 @@ def test_an_unexpected_error_starting_virglrenderer_is_answered_not_hung(monkeyp
     assert not t.is_alive(), "Renderer.call hung on a renderer that failed to start"
     assert isinstance(result[0], VirglUnavailable) and "RuntimeError: boom" in str(result[0])
     assert virgl.Renderer._active is None
+
+
+def test_tiny_resources_count_against_the_memory_cap(gpu, monkeypatch):
+    """Every resource is charged at least MIN_RESOURCE_BYTES: a flood of 1-byte buffers
+    (host bookkeeping each) hits ERR_OUT_OF_MEMORY like big textures do."""
+    from vmm_virtio_gpu import device3d
+    from vmm_virtio_gpu.limits3d import MIN_RESOURCE_BYTES
+
+    monkeypatch.setattr(device3d, "MAX_RESOURCE_BYTES", 16 * MIN_RESOURCE_BYTES)
+    codes = [gpu.create_3d(rid, w=1, h=1, target=0, fmt=64) for rid in range(1, 18)]
+    assert codes == [p.RESP_OK_NODATA] * 16 + [p.RESP_ERR_OUT_OF_MEMORY]
+    assert gpu.unref(1) == p.RESP_OK_NODATA
+    assert gpu.create_3d(1, w=1, h=1, target=0, fmt=64) == p.RESP_OK_NODATA
+    assert gpu.h.device.resource_bytes == 16 * MIN_RESOURCE_BYTES

@@ -27,6 +27,10 @@ MAX_SAMPLES = 32
 MAX_FORMAT = 512
 #: the host-side size estimate assumes this many bytes per texel (RGBA8)
 ESTIMATE_TEXEL_BYTES = 4
+#: what every resource counts at least against the memory cap: virglrenderer's, GL's and
+#: this side's bookkeeping, so that a flood of 1-byte buffers is capped too (at 128Ki
+#: resources under the 512 MiB cap instead of half a billion)
+MIN_RESOURCE_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -47,10 +51,10 @@ class Limits:
     def host_bytes(self) -> int:
         """An estimate of the host memory it takes (for the all-resources cap)."""
         if self.target == PIPE_BUFFER:
-            return self.width
+            return max(self.width, MIN_RESOURCE_BYTES)
         base = (self.width * self.height * self.depth * self.array_size
                 * max(self.nr_samples, 1) * ESTIMATE_TEXEL_BYTES)
-        return base * 4 // 3 if self.last_level else base
+        return max(base * 4 // 3 if self.last_level else base, MIN_RESOURCE_BYTES)
 
     def extent(self, level: int) -> tuple[int, int, int]:
         """(width, height, depth-or-layers) of mip level `level` in box units."""
