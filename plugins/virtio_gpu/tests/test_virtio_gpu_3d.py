@@ -424,3 +424,27 @@ def test_tiny_resources_count_against_the_memory_cap(gpu, monkeypatch):
     assert gpu.unref(1) == p.RESP_OK_NODATA
     assert gpu.create_3d(1, w=1, h=1, target=0, fmt=64) == p.RESP_OK_NODATA
     assert gpu.h.device.resource_bytes == 16 * MIN_RESOURCE_BYTES
+
+
+def test_reset_does_not_wait_out_a_fence_the_host_gpu_has_not_signalled(gpu, monkeypatch):
+    """A fenced command waits up to FENCE_TIMEOUT for the host GPU, longer than a reset
+    waits for the worker (5 s): reset once gave up on the worker and dropped every
+    resource under it, and the worker answered on the old rings afterwards. Now the
+    fence wait gives up and the worker stops in time."""
+    import time
+
+    from vmm_virtio_gpu import virgl
+
+    gpu.render_target()
+    monkeypatch.setattr(virgl, "FENCE_TIMEOUT", 60.0)
+    monkeypatch.setattr(virgl, "fence_reached", lambda done, seq: False)   # never done
+    gpu.ctrl.add(out=[hdr(p.CMD_SUBMIT_3D, p.FLAG_FENCE, 9, CTX),
+                      p.SUBMIT_3D.pack(len(clear_stream(1))), clear_stream(1)],
+                 in_sizes=[HDR_SIZE])
+    gpu.ctrl.kick()
+    time.sleep(0.5)
+    assert gpu.ctrl.get_used() == []                 # the worker is in the fence wait
+    start = time.monotonic()
+    assert gpu.h.device.reset()                      # True: the worker stopped
+    assert time.monotonic() - start < 4
+    assert gpu.h.device.resources == {} and gpu.h.device.contexts == set()

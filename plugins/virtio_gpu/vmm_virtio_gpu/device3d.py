@@ -21,6 +21,7 @@ response, which then signals the fence.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -85,6 +86,7 @@ class VirglGpu(VirtioGpu):
         self.renderer = Renderer()
         self.contexts: set[int] = set()
         self._said_unavailable = False           # log the reason once, answer every time
+        self._stopping = threading.Event()       # reset/shutdown: fence waits give up
 
     # -- talking to virglrenderer --------------------------------------------------------
 
@@ -101,7 +103,8 @@ class VirglGpu(VirtioGpu):
 
     def _complete_fence(self, fence_id: int, ctx_id: int) -> None:
         """Answer a fenced command only once the host GPU finished the work so far."""
-        if self.renderer.lib is not None and not self.renderer.fence(ctx_id):
+        if self.renderer.lib is not None and not self.renderer.fence(ctx_id,
+                                                                     self._stopping):
             self._note("fence", p.RESP_ERR_UNSPEC, f"fence {fence_id} did not complete")
         super()._complete_fence(fence_id, ctx_id)
 
@@ -365,7 +368,18 @@ class VirglGpu(VirtioGpu):
         self.contexts.clear()
         super()._drop_state()
 
+    def reset(self) -> bool:
+        """A fenced command still waiting for the host GPU gives up first, so that the
+        worker stops (its stop timeout is shorter than FENCE_TIMEOUT) before _drop_state
+        unrefs what it may be using and the rings it would answer on are gone."""
+        self._stopping.set()
+        try:
+            return super().reset()
+        finally:
+            self._stopping.clear()
+
     def shutdown(self) -> None:
+        self._stopping.set()
         super().shutdown()
         self.renderer.close()
 

@@ -222,9 +222,9 @@ class Renderer:
 
     # -- fences -------------------------------------------------------------------------------
 
-    def fence(self, ctx_id: int) -> bool:
+    def fence(self, ctx_id: int, abort: threading.Event | None = None) -> bool:
         """Wait until the work submitted so far is done on the host GPU (a virglrenderer
-        fence, polled); False after FENCE_TIMEOUT seconds."""
+        fence, polled); False after FENCE_TIMEOUT seconds, or once `abort` is set."""
         self._next_fence = self._next_fence % FENCE_SEQ_MAX + 1
         seq = self._next_fence
         if self.call(lambda lib: lib.virgl_renderer_create_fence(seq, ctx_id)) != 0:
@@ -234,7 +234,7 @@ class Renderer:
             self.call(lambda lib: lib.virgl_renderer_poll())
             if fence_reached(_fences.done, seq):
                 return True
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (abort is not None and abort.is_set()):
                 return False
             time.sleep(0.0002)
 
