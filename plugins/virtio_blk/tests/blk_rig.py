@@ -23,7 +23,11 @@ from vmmcore.eventfd import EventFd  # noqa: E402
 from vmmcore.interrupts import IrqFdInterrupt  # noqa: E402
 from vmmcore.memory import GuestMemory  # noqa: E402
 from vmmcore.virtio import EventFdMsix, VirtioInterrupt, prepare_queues  # noqa: E402
-from vmmcore.virtio.status import TRANSPORT_FEATURES  # noqa: E402
+from vmmcore.virtio.status import (  # noqa: E402
+    TRANSPORT_FEATURES,
+    VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC,
+)
 from vmmcore.virtio.testing import VirtqueueDriver  # noqa: E402
 
 MiB = 1 << 20
@@ -169,7 +173,12 @@ class BlkRig:
             q = d.make_queue(self.device.queue_size)
             q.vector = 1 + i
             queues.append(q)
-        prepare_queues(self.mem, TRANSPORT_FEATURES | self.drivers[0].features, queues)
+        # the ring features are what the driver negotiated (TRANSPORT_FEATURES offers
+        # EVENT_IDX: OR-ing it in would give the device EVENT_IDX behind the back of a
+        # driver built with event_idx=False)
+        ring = (1 << VIRTIO_F_RING_EVENT_IDX) | (1 << VIRTIO_F_RING_INDIRECT_DESC)
+        prepare_queues(self.mem, TRANSPORT_FEATURES & ~ring | self.drivers[0].features,
+                       queues)
         self.device.activate(self.mem, self.interrupt, queues, self.kicks)
 
     # -- submitting ----------------------------------------------------------------------
