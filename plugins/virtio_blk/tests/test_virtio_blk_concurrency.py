@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 
 import pytest
 from blk_rig import SECTORS, TIMEOUT, FileDisk, MiB, host, make_image, wait_fd
@@ -262,3 +263,109 @@ def test_intx_path_without_event_idx(image, rig_factory):
     path, contents = image
     rig = rig_factory(FileDisk(path), rig_kw={"event_idx": False})
     assert rig.do_read(2, 512).data == contents[1024:1536]
+
+
+class _MaskableMsix:
+    """MSI-X with one maskable queue vector whose "irqfd" is any fd the test gives,
+    handled like MsixConfig: under a re-entrant lock, listeners told before the guest's
+    mask write completes; a masked vector only sets a pending bit."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.enabled = True
+        self.masked = False
+        self.pending = False
+        self._lock = threading.RLock()
+        self._listeners: list = []
+
+    def trigger(self, v: int) -> None:
+        with self._lock:
+            if self.masked:
+                self.pending = True
+            else:
+                os.write(self.fd, (1).to_bytes(8, "little"))
+
+    def direct_eventfd(self, v: int) -> int | None:
+        with self._lock:
+            return None if self.masked or v != 1 else self.fd
+
+    def add_listener(self, cb) -> None:
+        with self._lock:
+            self._listeners.append(cb)
+
+    def remove_listener(self, cb) -> None:
+        with self._lock:
+            self._listeners.remove(cb)
+
+    def mask(self) -> None:
+        with self._lock:
+            self.masked = True
+            for cb in self._listeners:
+                cb()
+
+
+def drain(fd: int) -> int:
+    n = 0
+    while True:
+        try:
+            n += len(os.read(fd, 1 << 16))
+        except BlockingIOError:
+            return n
+
+
+def test_native_no_irqfd_write_after_the_mask_listener_returns(image, rig_factory, engine):
+    """Once the MSI-X listener returned from a mask, the engine must not write the
+    vector's irqfd any more: the guest may now rewrite the route, and the interrupt
+    belongs in the pending bit. The irqfd here is a full pipe, so the engine's write
+    stalls between "which fd?" and the write itself; the mask must wait for it (before,
+    it returned at once and the write landed after it)."""
+    if engine == "python":
+        pytest.skip("native engine only")
+    from vmmcore.virtio import VirtioInterrupt
+
+    path, contents = image
+    rfd, wfd = os.pipe()
+    try:
+        os.set_blocking(wfd, False)
+        try:
+            while True:
+                os.write(wfd, bytes(4096))
+        except BlockingIOError:
+            pass
+        os.set_blocking(wfd, True)
+        msix = _MaskableMsix(wfd)
+        rig = rig_factory(FileDisk(path), activate=False)
+        rig.interrupt = VirtioInterrupt(msix=msix, on_needs_reset=rig._on_reset)
+        rig.activate()
+        rig.read(3, 512)
+        d = rig.drivers[0]
+        deadline = time.monotonic() + TIMEOUT
+        while d.used_idx() == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert d.used_idx() == 1
+        time.sleep(0.05)                       # the engine is now stuck in the write
+        masked = threading.Event()
+        t = threading.Thread(target=lambda: (msix.mask(), masked.set()))
+        t.start()
+        waited = not masked.wait(0.2)           # the mask must wait for that write
+        os.set_blocking(rfd, False)
+        drained = 0
+        while not masked.is_set() or drained == 0:
+            try:
+                drained += len(os.read(rfd, 1 << 16))
+            except BlockingIOError:
+                time.sleep(0.001)
+        t.join(TIMEOUT)
+        assert waited, "the mask returned while the engine was still writing the irqfd"
+        drain(rfd)                              # everything written before it returned
+        done = rig._reap(0)                     # (re-arms used_event)
+        rig.read(5, 512)                        # masked now: the pending bit, no irqfd
+        deadline = time.monotonic() + TIMEOUT
+        while msix.pending is False and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert msix.pending and drain(rfd) == 0
+        done += rig._reap(0)
+        assert [r.data for r in done] == [contents[1536:2048], contents[2560:3072]]
+    finally:
+        os.close(rfd)
+        os.close(wfd)

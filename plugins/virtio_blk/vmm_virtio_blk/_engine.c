@@ -334,9 +334,17 @@ void blk_engine_set_capacity(struct engine *e, uint64_t sectors) {
     __atomic_store_n(&e->capacity, sectors, __ATOMIC_RELEASE);
 }
 
+/* Under the queue's lock, which every completion holds from choosing the fd to writing
+ * it (serve -> signal_queue): when this returns, no thread is about to write the old fd.
+ * The MSI-X listener relies on that: after a mask it returns, the guest may rewrite the
+ * vector's route, and an interrupt must go to the pending bit, not the old route. */
 void blk_engine_set_irq_fd(struct engine *e, int index, int fd) {
-    if (index >= 0 && index < e->nqueues)
-        __atomic_store_n(&e->queues[index].irq_fd, fd, __ATOMIC_RELEASE);
+    if (index < 0 || index >= e->nqueues)
+        return;
+    struct queue *q = &e->queues[index];
+    pthread_mutex_lock(&q->lock);
+    __atomic_store_n(&q->irq_fd, fd, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&q->lock);
 }
 
 void blk_engine_queue_state(struct engine *e, int index, uint16_t *next_avail,

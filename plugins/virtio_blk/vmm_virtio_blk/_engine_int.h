@@ -94,7 +94,7 @@ struct queue {
     uint16_t next_avail, next_used, signalled_used;
     uint32_t unsignalled;
     int kick_fd, call_fd;
-    int irq_fd;                 /* atomic: >= 0 write it directly, else call_fd */
+    int irq_fd;                 /* under lock: >= 0 write it directly, else call_fd */
     pthread_mutex_t lock;       /* pop and completion, like the Python queue lock */
     pthread_t thread;
     int started;

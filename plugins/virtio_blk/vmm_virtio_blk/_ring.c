@@ -236,6 +236,7 @@ int needs_interrupt(struct queue *q) {
     return vring_need_event(load16(q->avail + 4 + 2u * q->size), new_idx, old);
 }
 
+/* Caller holds q->lock (see blk_engine_set_irq_fd). */
 void signal_queue(struct queue *q) {
     int fd = __atomic_load_n(&q->irq_fd, __ATOMIC_ACQUIRE);
     if (fd >= 0) {
