@@ -369,3 +369,43 @@ def test_native_no_irqfd_write_after_the_mask_listener_returns(image, rig_factor
     finally:
         os.close(rfd)
         os.close(wfd)
+
+
+def test_native_resize_racing_reset_never_uses_a_freed_engine(image, rig_factory, engine,
+                                                              monkeypatch):
+    """A resize (control thread) that read the engine pointer just before a reset
+    (vCPU thread) stopped and freed the engine must not call into it afterwards."""
+    if engine == "python":
+        pytest.skip("native engine only")
+    from vmm_virtio_blk import native
+
+    real = native.lib
+    freed: set[int] = set()
+    used_after_free: list[str] = []
+    entered = threading.Event()
+
+    class SlowLib:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def blk_engine_set_capacity(self, e, sectors):
+            entered.set()
+            time.sleep(0.3)                     # a GIL switch at the worst moment
+            if int(native.ffi.cast("uintptr_t", e)) in freed:
+                used_after_free.append("set_capacity")
+                return None
+            return real.blk_engine_set_capacity(e, sectors)
+
+        def blk_engine_free(self, e):
+            freed.add(int(native.ffi.cast("uintptr_t", e)))
+            return real.blk_engine_free(e)
+
+    monkeypatch.setattr(native, "lib", SlowLib())
+    path, _ = image
+    rig = rig_factory(FileDisk(path))
+    t = threading.Thread(target=rig.device.set_capacity, args=(2 * MiB,))
+    t.start()
+    assert entered.wait(TIMEOUT)
+    assert rig.device.reset()
+    t.join(TIMEOUT)
+    assert freed and not used_after_free

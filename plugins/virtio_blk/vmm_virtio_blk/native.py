@@ -16,6 +16,7 @@ runs in C threads without the GIL. Python keeps what needs Python:
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,9 @@ class NativeEngine:
         self.dev = dev
         self.extent = extent
         self._engine: Any = None
+        #: held by calls into the engine from other threads (resize, stats) and by
+        #: stop() while it takes the engine away, so none of them uses a freed engine
+        self._engine_lock = threading.Lock()
         self._worker: VirtioWorker | None = None
         self._event = EventFd(nonblocking=True)
         self._calls: list[EventFd] = []
@@ -79,7 +83,8 @@ class NativeEngine:
                                     len(queues), self.dev.capacity)
         if engine == ffi.NULL:
             raise MemoryError("the native virtio-blk engine could not be created")
-        self._engine = engine
+        with self._engine_lock:
+            self._engine = engine
         for i, (q, evt) in enumerate(zip(queues, queue_evts, strict=True)):
             if q.ready:
                 self._set_queue(i, q, evt)
@@ -135,14 +140,15 @@ class NativeEngine:
         if self._interrupt is not None:
             self._interrupt.signal_used_queue(self._queues[index].vector)
 
-    def _on_event(self) -> None:
+    def _on_event(self, engine: Any = None) -> None:
         """The engine failed (NEEDS_RESET) or met disk errors (logged)."""
         self._event.try_read()
-        if self._engine is None:
+        engine = self._engine if engine is None else engine
+        if engine is None:
             return
         reason = ffi.new("char[]", _MSG_BYTES)
         last_error = ffi.new("char[]", _MSG_BYTES)
-        failed = lib.blk_engine_messages(self._engine, reason, last_error, _MSG_BYTES)
+        failed = lib.blk_engine_messages(engine, reason, last_error, _MSG_BYTES)
         error = ffi.string(last_error).decode(errors="replace")
         if error:
             log.warning("virtio %s: request failed: %s", self.dev.name, error)
@@ -153,15 +159,17 @@ class NativeEngine:
     # -- state ----------------------------------------------------------------------------
 
     def set_capacity(self, sectors: int) -> None:
-        if self._engine is not None:
-            lib.blk_engine_set_capacity(self._engine, sectors)
+        with self._engine_lock:
+            if self._engine is not None:
+                lib.blk_engine_set_capacity(self._engine, sectors)
 
     def stats(self) -> dict[str, int]:
         """The engine's counters (requests, flushes, peak_in_disk, ...)."""
-        if self._engine is None:
-            return {}
         s = ffi.new("struct blk_stats *")
-        lib.blk_engine_stats(self._engine, s)
+        with self._engine_lock:
+            if self._engine is None:
+                return {}
+            lib.blk_engine_stats(self._engine, s)
         return {name: getattr(s, name) for name, _ in ffi.typeof("struct blk_stats").fields}
 
     def in_flight(self) -> int:
@@ -172,16 +180,15 @@ class NativeEngine:
     def stop(self) -> bool:
         """Stop the engine (waiting for requests in flight), deliver what it signalled,
         write the ring cursors back into the Queues, and free everything."""
-        engine, self._engine = self._engine, None
+        with self._engine_lock:
+            engine, self._engine = self._engine, None
         if self._interrupt is not None:
             self._interrupt.remove_route_listener(self._routes_changed)
         stopped = True
         if engine is not None:
             lib.blk_engine_stop(engine)              # releases the GIL while it waits
             self._sync_queues(engine)
-            self._engine = engine                    # read its last messages
-            self._on_event()
-            self._engine = None
+            self._on_event(engine)                   # its last messages
         if self._worker is not None:
             stopped = self._worker.stop()
             self._worker = None
