@@ -448,3 +448,21 @@ def test_reset_does_not_wait_out_a_fence_the_host_gpu_has_not_signalled(gpu, mon
     assert gpu.h.device.reset()                      # True: the worker stopped
     assert time.monotonic() - start < 4
     assert gpu.h.device.resources == {} and gpu.h.device.contexts == set()
+
+
+def test_ids_virglrenderer_takes_as_int_are_refused_and_reset_still_works(gpu):
+    """Resource and context ids above 2**31-1 do not fit virglrenderer's int parameters:
+    they once became internal errors on every later use, a resource that could not be
+    unreferenced, and a device reset that raised OverflowError."""
+    big = 0x8000_0001
+    entries = gpu.render_target()
+    assert gpu.create_3d(big) == p.RESP_ERR_INVALID_RESOURCE_ID
+    assert gpu.create(big, p.FORMAT_B8G8R8X8_UNORM, 8, 8) == p.RESP_ERR_INVALID_RESOURCE_ID
+    assert gpu.ctx_create(big) == p.RESP_ERR_INVALID_CONTEXT_ID
+    assert gpu.create_3d(0x7FFF_FFFF) == p.RESP_OK_NODATA            # the largest
+    assert gpu.attach(0x7FFF_FFFF, gpu.backing(W * H * 4)) == p.RESP_OK_NODATA
+    assert gpu.ctx_attach(CTX, 0x7FFF_FFFF) == p.RESP_OK_NODATA
+    assert gpu.submit(CTX, clear_stream(0x7FFF_FFFF)) == p.RESP_OK_NODATA
+    assert entries and not [e for e in gpu.h.device.errors if "internal error" in e[2]]
+    assert gpu.h.device.reset()
+    assert gpu.h.device.resources == {}

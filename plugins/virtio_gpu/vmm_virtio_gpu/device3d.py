@@ -57,6 +57,10 @@ MAX_CONTEXTS = 1024
 #: largest SUBMIT_3D command stream
 MAX_SUBMIT_BYTES = 16 << 20
 CAPSETS = (CAPSET_VIRGL, CAPSET_VIRGL2)
+#: largest resource and context id: virglrenderer takes them as C int in places
+#: (virgl_renderer_ctx_attach_resource, _resource_attach_iov, _submit_cmd); Linux
+#: numbers both from 1 up
+MAX_ID = 0x7FFF_FFFF
 VIRGL_BIND_RENDER_TARGET = 1 << 1
 RESOURCE_FLAG_Y_0_TOP = 1 << 0
 
@@ -150,9 +154,10 @@ class VirglGpu(VirtioGpu):
     def _ctx_create(self, reader: Reader) -> tuple[int, bytes]:
         nlen, context_init, name = self._body(reader, p.CTX_CREATE)
         ctx_id = self.cmd_ctx_id
-        if ctx_id == 0 or ctx_id in self.contexts:
+        if not 0 < ctx_id <= MAX_ID or ctx_id in self.contexts:
             raise GpuError(p.RESP_ERR_INVALID_CONTEXT_ID,
-                           f"context id {ctx_id} is {'0' if ctx_id == 0 else 'in use'}")
+                           f"context id {ctx_id} is "
+                           f"{'in use' if ctx_id in self.contexts else 'out of range'}")
         if len(self.contexts) >= MAX_CONTEXTS:
             raise GpuError(p.RESP_ERR_OUT_OF_MEMORY, f"{MAX_CONTEXTS} contexts exist")
         if nlen > len(name) or context_init:
@@ -207,10 +212,10 @@ class VirglGpu(VirtioGpu):
 
     def _create(self, limits: Limits, flags: int) -> None:
         """Create resource limits.id in virglrenderer and mirror it here."""
-        if limits.id == 0 or limits.id in self.resources:
+        if not 0 < limits.id <= MAX_ID or limits.id in self.resources:
             raise GpuError(p.RESP_ERR_INVALID_RESOURCE_ID,
                            f"resource id {limits.id} is "
-                           f"{'0' if limits.id == 0 else 'in use'}")
+                           f"{'in use' if limits.id in self.resources else 'out of range'}")
         nbytes = limits.host_bytes()
         if self.resource_bytes + nbytes > MAX_RESOURCE_BYTES:
             raise GpuError(p.RESP_ERR_OUT_OF_MEMORY,
