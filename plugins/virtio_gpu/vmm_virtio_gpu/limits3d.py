@@ -126,8 +126,10 @@ def box_checked(limits: Limits, backing_len: int, box: tuple[int, int, int, int,
     if bpp is None or 0 in (w, h, d):
         return                      # virglrenderer checks the bytes of unknown formats
     row = w * bpp
+    # 0 means packed, as virglrenderer reads it: rows of the level's width, layers of
+    # the level's height (not the box's)
     stride = stride or (ew * bpp if limits.target != PIPE_BUFFER else row)
-    layer_stride = layer_stride or stride * h
+    layer_stride = layer_stride or stride * max(1, limits.height >> level)
     end = offset + (d - 1) * layer_stride + (h - 1) * stride + row
     if end > backing_len:
         raise _bad(f"transfer spans backing bytes {offset}..{end}, backing has "
