@@ -383,6 +383,28 @@ def test_disk_errors_are_ioerr(image, rig_factory, engine, caplog):
     assert not rig.interrupt.needs_reset
 
 
+def test_native_disk_errors_are_all_counted_in_the_log(image, rig_factory, engine, caplog):
+    """Errors that happen before Python reads the engine's messages are not lost: the
+    log line says how many there were besides the one it quotes."""
+    if engine == "python":
+        pytest.skip("native engine only (the Python engine logs each one itself)")
+    import re
+
+    path, _ = image
+    rig = rig_factory(NativeFailingDisk(path))
+    for i in range(8):
+        rig.read(i, 512, kick=False, indirect=True)
+    rig.drivers[0].kick_evt.write(1)
+    assert all(r.status == IOERR for r in rig.wait(8))
+    rig.device.reset()                     # the engine's last messages are read here
+    logged = 0
+    for rec in caplog.records:
+        if "request failed" in rec.getMessage():
+            more = re.search(r"and (\d+) more disk errors", rec.getMessage())
+            logged += 1 + (int(more.group(1)) if more else 0)
+    assert logged == 8
+
+
 # -- read-only -----------------------------------------------------------------------------
 
 def test_read_only_enforced(image, rig_factory):

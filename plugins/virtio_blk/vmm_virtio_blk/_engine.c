@@ -357,11 +357,14 @@ void blk_engine_queue_state(struct engine *e, int index, uint16_t *next_avail,
     pthread_mutex_unlock(&e->queues[index].lock);
 }
 
-int blk_engine_messages(struct engine *e, char *reason, char *last_error, size_t n) {
+int blk_engine_messages(struct engine *e, char *reason, char *last_error, size_t n,
+                        uint32_t *errors) {
     pthread_mutex_lock(&e->msg_lock);
     snprintf(reason, n, "%s", e->reason);
     snprintf(last_error, n, "%s", e->last_error);
     e->last_error[0] = '\0';
+    *errors = e->unreported_errors;
+    e->unreported_errors = 0;
     int failed = e->failed;
     pthread_mutex_unlock(&e->msg_lock);
     return failed;

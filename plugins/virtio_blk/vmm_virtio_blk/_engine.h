@@ -60,6 +60,9 @@ void blk_engine_set_capacity(struct engine *e, uint64_t sectors);
 void blk_engine_set_irq_fd(struct engine *e, int index, int fd);
 void blk_engine_queue_state(struct engine *e, int index, uint16_t *next_avail,
                             uint16_t *next_used);
-int blk_engine_messages(struct engine *e, char *reason, char *last_error, size_t n);
+/* The failure reason (returns failed), the last disk error and how many disk errors
+ * happened since the previous call (the text is only the last one's). */
+int blk_engine_messages(struct engine *e, char *reason, char *last_error, size_t n,
+                        uint32_t *errors);
 void blk_engine_stats(struct engine *e, struct blk_stats *out);
 void blk_engine_free(struct engine *e);

@@ -114,6 +114,7 @@ struct engine {
     int failed;                 /* atomic */
     char reason[256];           /* the first failure, set once under msg_lock */
     char last_error[256];       /* the last disk error, under msg_lock */
+    uint32_t unreported_errors; /* disk errors since Python last read them, under msg_lock */
     pthread_mutex_t msg_lock;
     /* the worker pool */
     pthread_mutex_t pool_lock;

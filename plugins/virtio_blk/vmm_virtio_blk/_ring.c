@@ -36,6 +36,7 @@ void disk_error(struct engine *e, const char *what, uint64_t off, int err) {
     pthread_mutex_lock(&e->msg_lock);
     snprintf(e->last_error, sizeof e->last_error, "%s at %llu failed: %s", what,
              (unsigned long long)off, strerror(err));
+    e->unreported_errors++;
     pthread_mutex_unlock(&e->msg_lock);
     stat_add(&e->stats.disk_errors, 1);
     eventfd_write(e->cfg.event_fd, 1);

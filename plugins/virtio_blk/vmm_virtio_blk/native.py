@@ -148,10 +148,12 @@ class NativeEngine:
             return
         reason = ffi.new("char[]", _MSG_BYTES)
         last_error = ffi.new("char[]", _MSG_BYTES)
-        failed = lib.blk_engine_messages(engine, reason, last_error, _MSG_BYTES)
+        errors = ffi.new("uint32_t *")
+        failed = lib.blk_engine_messages(engine, reason, last_error, _MSG_BYTES, errors)
         error = ffi.string(last_error).decode(errors="replace")
-        if error:
-            log.warning("virtio %s: request failed: %s", self.dev.name, error)
+        if errors[0]:
+            more = f" (and {errors[0] - 1} more disk errors)" if errors[0] > 1 else ""
+            log.warning("virtio %s: request failed: %s%s", self.dev.name, error, more)
         if failed:
             self.dev._fail("malformed request from the driver: "
                            + ffi.string(reason).decode(errors="replace"))
