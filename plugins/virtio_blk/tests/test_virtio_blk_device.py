@@ -461,7 +461,7 @@ def test_buffer_outside_guest_memory_needs_reset(rig):
     assert "outside guest RAM" in rig.reset_reasons[0]
 
 
-def test_reset_and_reactivate_after_needs_reset(image, rig_factory):
+def test_reset_and_reactivate_after_needs_reset(image, rig_factory, caplog):
     path, contents = image
     rig = rig_factory(FileDisk(path))
     d = rig.drivers[0]
@@ -469,6 +469,9 @@ def test_reset_and_reactivate_after_needs_reset(image, rig_factory):
     d.kick_evt.write(1)
     assert rig.reset_seen.wait(TIMEOUT)
     assert rig.device.reset()
+    # one failure, reported once (not again while the reset stops the engine)
+    assert len(rig.reset_reasons) == 1
+    assert sum("device needs reset" in r.getMessage() for r in caplog.records) == 1
     rig.interrupt.reset()
     from vmmcore.virtio.testing import VirtqueueDriver
     rig.drivers[0] = VirtqueueDriver(rig.mem, rig.device.queue_size, 0x1000,

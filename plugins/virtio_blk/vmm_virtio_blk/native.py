@@ -67,6 +67,7 @@ class NativeEngine:
         self._calls: list[EventFd] = []
         self._queues: list[Queue] = []
         self._interrupt: VirtioInterrupt | None = None
+        self._failure_reported = False
 
     # -- start ---------------------------------------------------------------------
 
@@ -140,8 +141,9 @@ class NativeEngine:
         if self._interrupt is not None:
             self._interrupt.signal_used_queue(self._queues[index].vector)
 
-    def _on_event(self, engine: Any = None) -> None:
-        """The engine failed (NEEDS_RESET) or met disk errors (logged)."""
+    def _on_event(self, engine: Any = None, stopping: bool = False) -> None:
+        """The engine failed (NEEDS_RESET, once) or met disk errors (logged). While
+        stopping (reset, shutdown) a failure is only logged: the device is going away."""
         self._event.try_read()
         engine = self._engine if engine is None else engine
         if engine is None:
@@ -154,9 +156,14 @@ class NativeEngine:
         if errors[0]:
             more = f" (and {errors[0] - 1} more disk errors)" if errors[0] > 1 else ""
             log.warning("virtio %s: request failed: %s%s", self.dev.name, error, more)
-        if failed:
-            self.dev._fail("malformed request from the driver: "
-                           + ffi.string(reason).decode(errors="replace"))
+        if failed and not self._failure_reported:
+            self._failure_reported = True
+            why = "malformed request from the driver: " + ffi.string(reason).decode(
+                errors="replace")
+            if stopping:
+                log.warning("virtio %s: %s (while stopping)", self.dev.name, why)
+            else:
+                self.dev._fail(why)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -190,7 +197,7 @@ class NativeEngine:
         if engine is not None:
             lib.blk_engine_stop(engine)              # releases the GIL while it waits
             self._sync_queues(engine)
-            self._on_event(engine)                   # its last messages
+            self._on_event(engine, stopping=True)    # its last messages
         if self._worker is not None:
             stopped = self._worker.stop()
             self._worker = None
