@@ -31,6 +31,7 @@ from vmmcore.virtio.status import (  # noqa: E402
 from vmmcore.virtio.testing import VirtqueueDriver  # noqa: E402
 
 MiB = 1 << 20
+IOV_MAX = os.sysconf("SC_IOV_MAX")
 TIMEOUT = 10.0
 SECTORS = MiB // 512                 # of the default 1 MiB test image
 
@@ -40,6 +41,14 @@ def host(path: Path, offset: int, n: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(n)
+
+
+def _batched(call, fd: int, bufs: list, offset: int) -> int:
+    """preadv/pwritev of any number of buffers, IOV_MAX at a time (as raw does)."""
+    done = 0
+    for i in range(0, len(bufs), IOV_MAX):
+        done += call(fd, bufs[i:i + IOV_MAX], offset + done)
+    return done
 
 
 class FileDisk(DiskFile):
@@ -69,7 +78,7 @@ class FileDisk(DiskFile):
     def read_into(self, offset: int, bufs: Buffers) -> int:
         total = sum(b.nbytes for b in bufs)
         self.check_range(offset, total)
-        n = os.preadv(self.fd, list(bufs), offset)
+        n = _batched(os.preadv, self.fd, list(bufs), offset)
         assert n == total
         return n
 
@@ -78,7 +87,7 @@ class FileDisk(DiskFile):
             raise DiskError("read-only")
         total = sum(b.nbytes for b in bufs)
         self.check_range(offset, total)
-        n = os.pwritev(self.fd, list(bufs), offset)
+        n = _batched(os.pwritev, self.fd, list(bufs), offset)
         assert n == total
         return n
 

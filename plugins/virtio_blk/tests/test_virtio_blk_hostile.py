@@ -18,6 +18,7 @@ from vmm_virtio_blk.device import (
     VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
 )
 
@@ -108,3 +109,23 @@ def test_segment_one_sector_over_the_limit(tmp_path, rig_factory, rtype):
     with open(path, "rb") as f:
         assert f.read(4096) == b"\xab" * 4096
     assert not rig.interrupt.needs_reset
+
+
+def test_more_segments_than_iov_max(rig, image):
+    """2500 data descriptors of odd sizes (1 and 511 bytes): more than IOV_MAX (1024)
+    iovecs, so the transfer is split into several preadv/pwritev calls whose
+    boundaries fall inside sectors."""
+    path, contents = image
+    sizes = [1, 511] * 1250                     # 1250 sectors
+    req = rig.do([header(VIRTIO_BLK_T_IN, 7)], [*sizes, 1], indirect=True)
+    assert req.status == 0 and req.data == contents[7 * 512:(7 + 1250) * 512]
+    data = bytes(range(256)) * (1250 * 2)
+    chunks, pos = [], 0
+    for n in sizes:
+        chunks.append(data[pos:pos + n])
+        pos += n
+    req = rig.do([header(VIRTIO_BLK_T_OUT, 3), *chunks], [1], indirect=True)
+    assert req.status == 0
+    with open(path, "rb") as f:
+        f.seek(3 * 512)
+        assert f.read(len(data)) == data
