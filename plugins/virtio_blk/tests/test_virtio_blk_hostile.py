@@ -129,3 +129,31 @@ def test_more_segments_than_iov_max(rig, image):
     with open(path, "rb") as f:
         f.seek(3 * 512)
         assert f.read(len(data)) == data
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_ring_indexes_wrap_at_65536(image, rig_factory, event_idx):
+    """Ring indexes start 6 short of 2**16: requests across the wrap complete, each
+    one interrupts (EVENT_IDX or not), and reset hands back the wrapped cursors."""
+    from blk_rig import wait_fd
+
+    from vmmcore.virtio import prepare_queues
+    from vmmcore.virtio.status import TRANSPORT_FEATURES
+
+    path, contents = image
+    rig = rig_factory(FileDisk(path), activate=False, rig_kw={"event_idx": event_idx})
+    d = rig.drivers[0]
+    q = d.make_queue(rig.device.queue_size)
+    q.vector = 1
+    d.start_at(65530, q)
+    prepare_queues(rig.mem, TRANSPORT_FEATURES & ~(3 << 28) | d.features, [q])
+    assert q.event_idx == event_idx
+    rig.device.activate(rig.mem, rig.interrupt, [q], rig.kicks)
+    for i in range(20):
+        rig.read(i, 512)
+        assert wait_fd(rig.vectors[1], TIMEOUT), f"request {i}: no interrupt"
+        [done] = rig._reap(0)
+        assert done.status == 0 and done.data == contents[512 * i:512 * (i + 1)]
+    assert d.used_idx() == (65530 + 20) & 0xFFFF
+    assert rig.device.reset()
+    assert (q.next_avail, q.next_used) == ((65530 + 20) & 0xFFFF,) * 2
