@@ -198,7 +198,7 @@ def test_headless_chromium_shows_the_pattern_and_a_click_reaches_the_guest(brows
     pytest.importorskip("vmm_virtio_gpu", reason="vmm-virtio-gpu is not installed")
     pytest.importorskip("vmm_virtio_input", reason="vmm-virtio-input is not installed")
     from vmm_virtio_gpu import protocol as p
-    from vmm_virtio_gpu.device import create as create_gpu
+    from vmm_virtio_gpu.factory import create as create_gpu
     from vmm_virtio_input.device import create as create_input
 
     from vmmcore.display import close_input_channels
@@ -303,7 +303,7 @@ def test_sandboxed_gpu_serves_the_viewer_from_its_device_process():
     import vmm_display_web
     import vmm_virtio_gpu
     from vmm_virtio_gpu import protocol as p
-    from vmm_virtio_gpu.device import create as create_gpu
+    from vmm_virtio_gpu.factory import create as create_gpu
 
     try:
         from vmmcore.sandbox.testing import PciVirtioRig

@@ -234,7 +234,7 @@ def test_the_hook_is_registered_with_the_core():
 def test_keyboard_through_a_whole_gpu_factory():
     """--gpu window_keyboard: the GPU's display feeds the hook-added keyboard."""
     _gpu_hook()
-    from vmm_virtio_gpu.device import create as create_gpu
+    from vmm_virtio_gpu.factory import create as create_gpu
 
     close_input_channels()
     try:
