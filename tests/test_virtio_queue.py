@@ -465,8 +465,9 @@ def test_buffer_outside_ram(mem, addr, length):
 
 
 def test_total_length_overflows_u32(mem):
-    """4097 readable descriptors of 1 MiB each: every one valid, the sum > 2**32-1."""
-    d, q = _raw(mem)
+    """4097 readable descriptors of 1 MiB each: every one valid, the sum > 2**32-1
+    (in a queue large enough for such a chain)."""
+    d, q = _raw(mem, size=8192)
     table, n = 0x40000, 4097
     for i in range(n):
         nxt = VIRTQ_DESC_F_NEXT if i + 1 < n else 0
@@ -474,6 +475,32 @@ def test_total_length_overflows_u32(mem):
     d.write_desc(0, table, 16 * n, VIRTQ_DESC_F_INDIRECT, 0)
     d.publish(0)
     _expect(mem, q, r"total length exceeds 2\*\*32-1 bytes")
+
+
+@pytest.mark.parametrize("direct", [0, 3])
+def test_chain_longer_than_the_queue_size(mem, direct):
+    """Spec 2.7.5.3.1: a chain holds at most queue-size descriptors, indirect entries
+    included; one more is refused before any entry is read."""
+    d, q = _raw(mem)                     # queue size 16
+    table = 0x40000
+    for i in range(direct):
+        d.write_desc(i, MiB, 8, VIRTQ_DESC_F_NEXT, i + 1)
+    d.write_desc(direct, table, 16 * (17 - direct), VIRTQ_DESC_F_INDIRECT, 0)
+    d.publish(0)
+    _expect(mem, q, rf"{direct} descriptors and an indirect table of {17 - direct} "
+            r"entries exceed the queue size \(16\)")
+
+
+def test_chain_as_long_as_the_queue_size(mem):
+    d, q = _raw(mem)
+    table = 0x40000
+    for i in range(16):
+        nxt = VIRTQ_DESC_F_NEXT if i < 15 else 0
+        d.write_desc(i, MiB + 8 * i, 8, nxt, i + 1 if nxt else 0, table=table)
+    d.write_desc(0, table, 16 * 16, VIRTQ_DESC_F_INDIRECT, 0)
+    d.publish(0)
+    chain = q.pop(mem)
+    assert (chain.readable_len, len(chain.readable)) == (16 * 8, 16)
 
 
 @pytest.mark.parametrize("jump", [17, 1000, 65535])

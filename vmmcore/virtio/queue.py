@@ -57,8 +57,6 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 DESC_SIZE = 16
 USED_ELEM_SIZE = 8
 U32_MAX = 0xFFFF_FFFF
-#: An indirect table cannot usefully hold more entries than a u16 `next` can name.
-MAX_INDIRECT_ENTRIES = 0x10000
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
@@ -328,9 +326,12 @@ class Queue:
                     raise VirtqueueError(
                         f"chain {head}: indirect table length {length} is not a "
                         "non-zero multiple of 16")
-                if length // DESC_SIZE > MAX_INDIRECT_ENTRIES:
+                if visited - 1 + length // DESC_SIZE > size:
+                    # Spec 2.7.5.3.1: no chain longer than the queue size, indirect
+                    # entries included. Bounds the work one request can cost.
                     raise VirtqueueError(
-                        f"chain {head}: indirect table of {length // DESC_SIZE} entries")
+                        f"chain {head}: {visited - 1} descriptors and an indirect table "
+                        f"of {length // DESC_SIZE} entries exceed the queue size ({size})")
                 if not mem.is_valid_range(addr, length):
                     raise VirtqueueError(
                         f"chain {head}: indirect table {addr:#x}+{length:#x} is outside "

@@ -111,15 +111,16 @@ def test_segment_one_sector_over_the_limit(tmp_path, rig_factory, rtype):
     assert not rig.interrupt.needs_reset
 
 
-def test_more_segments_than_iov_max(rig, image):
-    """2500 data descriptors of odd sizes (1 and 511 bytes): more than IOV_MAX (1024)
+def test_more_segments_than_iov_max(rig_factory, image):
+    """2000 data descriptors of odd sizes (1 and 511 bytes): more than IOV_MAX (1024)
     iovecs, so the transfer is split into several preadv/pwritev calls whose
-    boundaries fall inside sectors."""
+    boundaries fall inside sectors. (A chain may be as long as the queue: 2048.)"""
     path, contents = image
-    sizes = [1, 511] * 1250                     # 1250 sectors
+    rig = rig_factory(FileDisk(path), queue_size=2048)
+    sizes = [1, 511] * 1000                     # 1000 sectors
     req = rig.do([header(VIRTIO_BLK_T_IN, 7)], [*sizes, 1], indirect=True)
-    assert req.status == 0 and req.data == contents[7 * 512:(7 + 1250) * 512]
-    data = bytes(range(256)) * (1250 * 2)
+    assert req.status == 0 and req.data == contents[7 * 512:(7 + 1000) * 512]
+    data = bytes(range(256)) * (1000 * 2)
     chunks, pos = [], 0
     for n in sizes:
         chunks.append(data[pos:pos + n])
@@ -157,3 +158,24 @@ def test_ring_indexes_wrap_at_65536(image, rig_factory, event_idx):
     assert d.used_idx() == (65530 + 20) & 0xFFFF
     assert rig.device.reset()
     assert (q.next_avail, q.next_used) == ((65530 + 20) & 0xFFFF,) * 2
+
+
+@pytest.mark.parametrize("queue_size", [16, 256])
+def test_chain_longer_than_the_queue_needs_reset(rig_factory, image, queue_size):
+    """Spec 2.7.5.3.1: no chain is longer than the queue size, indirect entries
+    included. One descriptor more than the queue holds is refused (NEEDS_RESET) on
+    both engines, so a request cannot make the device walk 65536 descriptors; exactly
+    the queue size is served."""
+    path, contents = image
+    rig = rig_factory(FileDisk(path), queue_size=queue_size)
+    # header + (queue_size - 2) one-sector segments + status = queue_size descriptors
+    req = rig.do([header(VIRTIO_BLK_T_IN, 0)], [512] * (queue_size - 2) + [1],
+                 indirect=True)
+    assert req.status == 0 and req.data == contents[:(queue_size - 2) * 512]
+    assert not rig.reset_seen.is_set()
+    rig.submit([header(VIRTIO_BLK_T_IN, 0)], [512] * (queue_size - 1) + [1],
+               indirect=True)
+    rig.drivers[0].kick_evt.write(1)
+    assert rig.reset_seen.wait(TIMEOUT), "the device did not enter NEEDS_RESET"
+    assert "exceed the queue size" in rig.reset_reasons[0], rig.reset_reasons
+    assert rig.drivers[0].used_idx() == 1          # only the first request was answered

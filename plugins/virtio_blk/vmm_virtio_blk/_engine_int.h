@@ -30,7 +30,6 @@
 #define DESC_F_WRITE 2
 #define DESC_F_INDIRECT 4
 #define AVAIL_F_NO_INTERRUPT 1
-#define MAX_INDIRECT_ENTRIES 0x10000u
 #define U32_MAX_LEN 0xFFFFFFFFull
 
 #define T_IN 0

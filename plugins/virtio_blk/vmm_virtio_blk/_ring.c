@@ -123,8 +123,12 @@ static int walk_chain(struct queue *q, uint16_t head, uint32_t slot, struct req 
                             "multiple of 16", head, d.len);
                 return -1;
             }
-            if (d.len / 16 > MAX_INDIRECT_ENTRIES) {   /* more than a u16 next can name */
-                engine_fail(e, "chain %u: indirect table of %u entries", head, d.len / 16);
+            /* Spec 2.7.5.3.1: no chain longer than the queue size, indirect entries
+             * included (visited - 1 direct descriptors came before this one). */
+            if (visited - 1 + d.len / 16 > q->size) {
+                engine_fail(e, "chain %u: %u descriptors and an indirect table of %u "
+                            "entries exceed the queue size (%u)",
+                            head, visited - 1, d.len / 16, q->size);
                 return -1;
             }
             const uint8_t *t = mem_ptr(e, d.addr, d.len);
