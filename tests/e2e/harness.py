@@ -426,10 +426,11 @@ def vmm_run_argv(kernel: Path, initrd: Path, *, cpus: int = 1, mem_mib: int = 25
             "-c", str(cpus), "-m", str(mem_mib), "-p", params, *extra]
 
 
-#: What the nested level-2 kernel prints when its timer interrupts stop arriving. Seen
-#: intermittently (about 1 run in 10) when this 2-core host is loaded: the idle vCPU
-#: waits in HLT for a TSC-deadline interrupt that level 1's KVM, itself emulated by QEMU
-#: TCG, delivers tens of seconds late. Not yet understood; see the issue notes.
+#: What the nested level-2 kernel prints when its timer interrupts arrive tens of seconds
+#: late. The cause was level 1's, not the VMM's (QEMU -accel kvm failed the same way in
+#: the same level-1 hosts): kvm.ko loaded before the kernel's refined TSC calibration
+#: kept a low early TSC rate and left every vCPU's TSC multiplier at 0. The level-1 /init
+#: now waits for that calibration (images.py); see README.md "Level-2 timer lockups".
 LOCKUP_SIGNATURES = ("watchdog: BUG: soft lockup", "rcu: INFO: rcu_preempt self-detected stall",
                      "kthread timer wakeup didn't happen")
 
@@ -443,8 +444,9 @@ def run_vmm(args: list[str], timeout: float, level1_timeout: float | None = None
     that `vmm run` writes in (disk images), shared read-write with level 1.
 
     A run that timed out with the level-2 kernel reporting lost timer interrupts (see
-    LOCKUP_SIGNATURES) is run once more, and the result says so (``retried``); a second
-    such run is returned as it is, and fails its test.
+    LOCKUP_SIGNATURES) is run once more, in a fresh level-1 host, and the result says so
+    (``retried``); a second such run is returned as it is, and fails its test. (A safety
+    net since the level-1 fix: its wait for the TSC calibration is bounded.)
     """
     result = _run_vmm_once(args, timeout, level1_timeout, rw_dirs)
     if result.status is None and any(sig in result.output for sig in LOCKUP_SIGNATURES):

@@ -376,6 +376,16 @@ mount -t devtmpfs dev /dev
 say() { echo "E2E: $*" > /dev/console; }
 up() { cut -d' ' -f1 /proc/uptime; }
 fail() { say "level1-init-failed: $*"; poweroff -f; sleep 5; exit 1; }
+# kvm.ko keeps, as the TSC rate of every vCPU it will create, the kernel's tsc_khz of the
+# moment it loads. Before the refined TSC calibration (when the clocksource goes from
+# tsc-early to tsc, ~2 s in) that is the early estimate, which under host load (HPET
+# reference) comes out ~650 ppm low; with no TSC scaling (TCG has none) KVM then leaves
+# each vCPU's TSC multiplier at 0 ("user requested TSC rate below hardware speed" in
+# dmesg), and a level-2 guest's TSC-deadline timer fires tens of seconds late: soft
+# lockups under `vmm run` and QEMU alike (tests/e2e/README.md). So wait for it (<= 5 s).
+cs=/sys/devices/system/clocksource/clocksource0/current_clocksource
+i=0
+while [ "$(cat $cs)" != tsc ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 for m in $(cat /etc/modules.load); do
     insmod "$m" || say "insmod-failed $m"
 done

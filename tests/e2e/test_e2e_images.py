@@ -49,3 +49,13 @@ def test_images_build(e2e_kernel):
         data = gzip.decompress(path.read_bytes())
         assert b"TRAILER!!!" in data and b"bin/busybox" in data
         assert b"init\0" in data and b"etc/modules.load" in data
+
+
+def test_level1_loads_kvm_after_the_refined_tsc_calibration():
+    """kvm.ko takes the TSC rate of the moment it loads; loaded before the refined
+    calibration, it can leave level-2 timers tens of seconds late (README: timer lockups).
+    The level-1 /init waits for the tsc clocksource before its first insmod."""
+    init = images.LEVEL1_INIT
+    wait = init.index("clocksource0/current_clocksource")
+    assert wait < init.index('insmod "$m"')
+    assert "!= tsc" in init[wait:init.index('insmod "$m"')]
