@@ -122,3 +122,30 @@ def test_virtio_gpu_2d_jail_maps_nothing_executable():
     mesa = {"mmap", "mprotect", "sched_setaffinity", "getdents64"}
     assert not mesa & unconditional({"backend": "2d"})
     assert mesa <= unconditional({"backend": "virglrenderer"})
+
+
+def test_a_display_s_binds_and_preloads_join_only_the_gpu_that_opened_it(monkeypatch,
+                                                                         tmp_path):
+    """API 1.6: display=window's X11 socket (read-only) and its preload (pygame, SDL's X11
+    libraries) join the jail of a GPU that opened that display, and no other: not one
+    with display=headless, and not when nothing was noted (no fall-back for binds)."""
+    from vmmcore.vm_builder import jail_binds_and_preload
+
+    gpu = record("device", "virtio_gpu")
+    record("display", "window")
+    from vmm_display_window import x11
+
+    monkeypatch.setattr(x11, "X11_SOCKET_DIR", str(tmp_path))
+    (tmp_path / "X5").touch()
+    monkeypatch.setenv("DISPLAY", ":5.0")
+    monkeypatch.setenv("HOME", str(tmp_path))          # no ~/.Xauthority there
+    monkeypatch.delenv("XAUTHORITY", raising=False)
+    socket = str(tmp_path / "X5")
+    binds, preload = jail_binds_and_preload(gpu, {"display": {"window"}},
+                                            {"display": "window"})
+    assert binds == [(socket, socket, False)]
+    assert preload == (*gpu.spec.sandbox_preload, "vmm_display_window.preload")
+    gpu_only = ([], tuple(gpu.spec.sandbox_preload))
+    assert jail_binds_and_preload(gpu, {"display": {"headless"}},
+                                  {"display": "headless"}) == gpu_only
+    assert jail_binds_and_preload(gpu, {}, {"display": "window"}) == gpu_only

@@ -46,7 +46,9 @@ from typing import Any
 #: add_route_listener() (a device's native data plane may signal irqfds itself).
 #: 1.3: a sandbox_binds entry may be a (path, writable) pair (read-only binds).
 #: 1.4: PluginSpec.sandbox_policies (further policy files for some option values).
-API_VERSION = "1.4"
+#: 1.6: the sandbox_binds and sandbox_preload of a plugin a device uses (policy_with: its
+#: disk formats, its display) join that device's jail. (1.5 is another change's.)
+API_VERSION = "1.6"
 
 #: The plugin kinds, and the entry-point group each is discovered in.
 KIND_GROUPS: dict[str, str] = {
@@ -298,6 +300,11 @@ class PluginSpec:
                  package directory, like ``policy``) compiled into this device's filter
                  for these options only, so that what one mode needs does not widen the
                  others (virtio_gpu: Mesa's executable mappings for backend=virglrenderer)
+
+    (API 1.6) A disk format or display declares sandbox_binds and sandbox_preload too:
+    they join the jail of a device whose factory opened it (policy_with, as its policy
+    does), called with that device's options (display=window: the X11 socket, SDL's
+    libraries), and no other device's.
     """
 
     name: str

@@ -295,17 +295,49 @@ def jail_policies(record: PluginRecord, used: Mapping[str, Iterable[str]],
     return policies
 
 
+def used_companions(record: PluginRecord, used: Mapping[str, Iterable[str]]
+                    ) -> list[PluginRecord]:
+    """The plugins of record's policy_with kinds that its factory really opened (a GPU's
+    display=window): their code runs in the device process, so what they declare for the
+    jail joins it. Unlike jail_policies there is no fall-back to every installed plugin:
+    a bind mount or a preload is only granted to a plugin known to be in use."""
+    registry = get_registry()
+    found = []
+    for kind in record.spec.policy_with if record.spec else ():
+        for name in sorted(used.get(kind, ())):
+            other = registry.get(kind, name)
+            if other is not None and not other.broken and other.spec is not None:
+                found.append(other)
+    return found
+
+
+def jail_binds_and_preload(record: PluginRecord, used: Mapping[str, Iterable[str]],
+                           options: Mapping[str, object]
+                           ) -> tuple[list[tuple[str, str, bool]], tuple[str, ...]]:
+    """The bind mounts and preloaded modules of a device's jail (API 1.6): what its
+    plugin declares for these options, plus what the plugins it uses (used_companions)
+    declare for the same options, e.g. display=window's X11 socket and SDL's libraries."""
+    binds: list[tuple[str, str, bool]] = []
+    preload: list[str] = []
+    for spec in [record.spec] + [c.spec for c in used_companions(record, used)]:
+        if spec is None:
+            continue
+        for entry in spec.sandbox_binds(dict(options)) if spec.sandbox_binds else ():
+            if _bind_mount(entry) not in binds:
+                binds.append(_bind_mount(entry))
+        preload += [m for m in spec.sandbox_preload if m not in preload]
+    return binds, tuple(preload)
+
+
 def _jail(inst: VmInstance, record: PluginRecord, device: DeviceConfig,
           used: Mapping[str, Iterable[str]]) -> JailConfig:
     """The device process's jail: its policies (jail_policies), the binds and preloads
-    the plugin declares."""
-    spec = record.spec
+    its plugin and the plugins it uses declare (jail_binds_and_preload)."""
     policies = jail_policies(record, used, device.options)
-    binds = spec.sandbox_binds(dict(device.options)) if spec.sandbox_binds else []
+    binds, preload = jail_binds_and_preload(record, used, device.options)
     return JailConfig(
         seccomp=compile_policy(policies, log_failures=inst.config.seccomp_log_failures),
-        binds=[_bind_mount(entry) for entry in binds],
-        preload=tuple(spec.sandbox_preload))
+        binds=binds, preload=preload)
 
 
 def _bind_mount(entry: object) -> tuple[str, str, bool]:

@@ -146,6 +146,7 @@ def _build_constants() -> dict[str, int]:
         "O_LARGEFILE": 0o100000, "O_DIRECTORY": 0o200000, "O_NOFOLLOW": 0o400000,
         "O_NOATIME": 0o1000000, "O_CLOEXEC": 0o2000000, "O_SYNC": 0o4010000,
         "O_PATH": 0o10000000, "O_TMPFILE": 0o20200000,
+        "R_OK": 4, "W_OK": 2, "X_OK": 1,
         "PROT_NONE": 0, "PROT_READ": 1, "PROT_WRITE": 2, "PROT_EXEC": 4,
         "PROT_GROWSDOWN": 0x01000000, "PROT_GROWSUP": 0x02000000,
         "MAP_SHARED": 1, "MAP_PRIVATE": 2, "MAP_SHARED_VALIDATE": 3, "MAP_FIXED": 0x10,

@@ -17,6 +17,7 @@ import os
 import threading
 from typing import Any
 
+from vmm_display_window.x11 import set_sdl_environment
 from vmmcore.display import (
     BTN_LEFT,
     BTN_MIDDLE,
@@ -123,6 +124,7 @@ class WindowDisplay(Display):
 
     def _run(self) -> None:
         os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+        set_sdl_environment()
         try:
             import pygame
 
