@@ -46,8 +46,10 @@ from typing import Any
 #: add_route_listener() (a device's native data plane may signal irqfds itself).
 #: 1.3: a sandbox_binds entry may be a (path, writable) pair (read-only binds).
 #: 1.4: PluginSpec.sandbox_policies (further policy files for some option values).
+#: 1.5: VirtioDevice/PciDevice.on_device_sandboxed(), called where the device runs
+#: once its jail is closed; its exception is a start-up error naming the device.
 #: 1.6: the sandbox_binds and sandbox_preload of a plugin a device uses (policy_with: its
-#: disk formats, its display) join that device's jail. (1.5 is another change's.)
+#: disk formats, its display) join that device's jail.
 API_VERSION = "1.6"
 
 #: The plugin kinds, and the entry-point group each is discovered in.

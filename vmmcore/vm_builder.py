@@ -36,7 +36,7 @@ from vmmcore.kvm import Kvm, Vm
 from vmmcore.kvm.run_loop import VcpuRunLoop, install_kick_handler
 from vmmcore.kvm.sys import lib
 from vmmcore.memory import GuestMemory
-from vmmcore.pci.device import PciDevice
+from vmmcore.pci.device import PciDevice, start_device
 from vmmcore.pci.root import PciRoot, build_pci_root
 from vmmcore.plugin_api import DeviceContext, load_factory
 from vmmcore.registry import PluginRecord, get_registry, track_plugin_use
@@ -419,10 +419,20 @@ def _add_plugin_devices(inst: VmInstance) -> None:
             pci_device.destroy()        # never placed: nobody else would end it
             raise
         inst.plugin_devices.append((device, pci_device))
+    _start_in_process(inst)
     call_hook("vmm_devices_created", vm=inst, devices=list(inst.plugin_devices))
     # Threads only now: every device process has been forked.
     inst.supervisor.start()
     inst.vm_memory_server.start()
+
+
+def _start_in_process(inst: VmInstance) -> None:
+    """on_device_sandboxed() of the devices that run here (--disable-sandbox); a device
+    process ran its own before answering INIT. Only once every device exists: what a
+    device starts (virglrenderer's Mesa threads) must not precede a fork."""
+    for _, pci_device in inst.plugin_devices:
+        if not isinstance(pci_device, ProxyDevice):
+            start_device(pci_device)
 
 
 def build_vm(config: VmConfig, kvm: Kvm | None = None) -> VmInstance:

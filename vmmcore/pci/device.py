@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from vmmcore.allocator import SystemAllocator
-from vmmcore.errors import AllocationError
+from vmmcore.errors import AllocationError, ConfigError, VmmError
 from vmmcore.eventfd import EventFd
 from vmmcore.pci.config_space import (
     COMMAND_INTX_DISABLE,
@@ -169,8 +169,39 @@ class PciDevice(ABC):
     def assign_msix(self, router: IrqRouter, vectors: list[tuple[int, EventFd]]) -> None:  # noqa: B027 (optional hook)
         """Give the device each vector's GSI and irqfd (registered with KVM_IRQFD)."""
 
+    def on_device_sandboxed(self) -> None:  # noqa: B027 (optional hook)
+        """Start what must start in the process that runs the device (plugin API 1.5).
+
+        Called once, in the device process right after its jail closed (seccomp on)
+        and before the device is placed; with --disable-sandbox in the main process
+        once every device exists. An exception stops `vmm run` with one line naming
+        the device (start_device), so a backend that cannot work here fails before
+        the guest runs instead of on its first request. crosvm's on_device_sandboxed.
+        """
+
     def destroy(self) -> None:  # noqa: B027 (optional hook)
         """The device is being removed or the VM is shutting down."""
+
+
+def start_failure_text(exc: BaseException) -> str:
+    """Why on_device_sandboxed() failed: a VmmError's message is already written for
+    users; anything else is a plugin bug and keeps its type name."""
+    return str(exc) if isinstance(exc, VmmError) else f"{type(exc).__name__}: {exc}"
+
+
+def start_failure(label: str, why: str, config: bool = False) -> VmmError:
+    """The one-line start-up error; a ConfigError (exit status 2) when the hook said the
+    configuration is at fault, else a VmmError (status 1: the host or the VMM)."""
+    return (ConfigError if config else VmmError)(f"device {label} failed to start: {why}")
+
+
+def start_device(device: PciDevice) -> None:
+    """Run device.on_device_sandboxed() in this process; its failure as start_failure."""
+    try:
+        device.on_device_sandboxed()
+    except Exception as e:
+        raise start_failure(device.debug_label(), start_failure_text(e),
+                            isinstance(e, ConfigError)) from e
 
 
 class ConfiguredPciDevice(PciDevice):

@@ -7,7 +7,9 @@ Runs in the forked child (see vmmcore.sandbox.proxy for the process tree):
      so the plugin can open its disk image or connect its socket);
   3. jail.enter(): import what is needed, pivot_root, rlimits, capabilities,
      no_new_privs, seccomp;
-  4. answer INIT, then serve requests until SHUTDOWN or EOF (the main process died).
+  4. device.on_device_sandboxed() (plugin API 1.5): what the device starts where it
+     runs; a refusal is INIT's answer (an ERROR marked "start");
+  5. answer INIT, then serve requests until SHUTDOWN or EOF (the main process died).
 
 The device (a PciDevice, normally a VirtioPciDevice) never knows it is remote. What it
 would have done to the main process goes back over the socket: MSI-X route changes
@@ -28,9 +30,10 @@ import threading
 import traceback
 from collections.abc import Callable
 
+from vmmcore.errors import ConfigError
 from vmmcore.eventfd import EventFd
 from vmmcore.memory import GuestMemory
-from vmmcore.pci.device import PciDevice
+from vmmcore.pci.device import PciDevice, start_failure_text
 from vmmcore.pci.intx import PciIntx
 from vmmcore.sandbox import jail as _jail
 from vmmcore.sandbox import protocol as P
@@ -284,21 +287,14 @@ def device_main(sock: socket.socket, build: Callable[[GuestMemory], PciDevice],
         mem = GuestMemory([tuple(r) for r in init["ranges"]], fd=fds[0])
         device = build(mem)
         server = _Server(sock, device)
-        listener = _jail.enter(cfg, listener=keeper is not None)
-        if keeper is not None:
-            if listener is not None:
-                socket.send_fds(keeper, [b"L"], [listener])
-                os.close(listener)
-            keeper.close()
-        info = {"label": device.debug_label(), "pid": os.getpid(),
-                "msix_vectors": device.msix_vectors()}
-        virtio_type = getattr(getattr(device, "device", None), "device_type", None)
-        if virtio_type is not None:      # a VirtioPciDevice: for `vmm status`
-            info["virtio_type"] = int(virtio_type)
+        _close_jail(cfg, keeper)
+        info = _init_answer(device)
     except BaseException as e:
         msg = f"{type(e).__name__}: {e}"
         log.debug("device set-up failed: %s", traceback.format_exc())
         P.send(sock, P.pack_json(P.ERROR, {"error": msg}))
+        return 1
+    if not _started(device, sock):
         return 1
     server.reply_json(info)
     server.serve()
@@ -308,6 +304,42 @@ def device_main(sock: socket.socket, build: Callable[[GuestMemory], PciDevice],
         log.error("%s: destroy failed: %s", server.device.debug_label(),
                   traceback.format_exc())
     return 0
+
+
+def _close_jail(cfg: _jail.JailConfig, keeper: socket.socket | None) -> None:
+    """jail.enter(), then hand the seccomp listener to the keeper, which serves it from
+    now on (a forbidden call in on_device_sandboxed is named like any other)."""
+    listener = _jail.enter(cfg, listener=keeper is not None)
+    if keeper is not None:
+        if listener is not None:
+            socket.send_fds(keeper, [b"L"], [listener])
+            os.close(listener)
+        keeper.close()
+
+
+def _init_answer(device: PciDevice) -> dict:
+    """What the main process learns from INIT's answer."""
+    info = {"label": device.debug_label(), "pid": os.getpid(),
+            "msix_vectors": device.msix_vectors()}
+    virtio_type = getattr(getattr(device, "device", None), "device_type", None)
+    if virtio_type is not None:      # a VirtioPciDevice: for `vmm status`
+        info["virtio_type"] = int(virtio_type)
+    return info
+
+
+def _started(device: PciDevice, sock: socket.socket) -> bool:
+    """device.on_device_sandboxed() inside the closed jail, before INIT is answered, so
+    that what the jail lacks is a start-up error; False once the refusal is sent
+    (an ERROR marked "start", "config" for a ConfigError: exit status 2)."""
+    try:
+        device.on_device_sandboxed()
+    except Exception as e:
+        log.debug("device start failed: %s", traceback.format_exc())
+        P.send(sock, P.pack_json(P.ERROR, {"error": start_failure_text(e)[:2000],
+                                           "start": True,
+                                           "config": isinstance(e, ConfigError)}))
+        return False
+    return True
 
 
 def keeper_main(sock: socket.socket, build: Callable[[GuestMemory], PciDevice],

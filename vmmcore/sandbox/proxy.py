@@ -64,7 +64,13 @@ from vmmcore.errors import VmmError
 from vmmcore.eventfd import EventFd
 from vmmcore.memory import GuestMemory
 from vmmcore.pci.config_space import BarKind, BarRange, PciConfiguration
-from vmmcore.pci.device import ConfiguredPciDevice, ConfigWriteResult, IoEventSpec, PciDevice
+from vmmcore.pci.device import (
+    ConfiguredPciDevice,
+    ConfigWriteResult,
+    IoEventSpec,
+    PciDevice,
+    start_failure,
+)
 from vmmcore.pci.intx import PciIntx
 from vmmcore.pci.irq import IrqRouter
 from vmmcore.sandbox import protocol as P
@@ -116,7 +122,9 @@ class ProxyDevice(PciDevice):
 
     build(mem) runs in the child and returns the real device (e.g.
     ``lambda mem: VirtioPciDevice(factory(options, ctx), mem, label)``). Construction
-    raises VmmError (with the child's message) when the child fails to build or jail.
+    raises VmmError (with the child's message) when the child fails to build or jail,
+    or when the device's on_device_sandboxed() refuses to start (ConfigError if it said
+    so); DeviceDied naming the signal or system call when the child dies doing it.
     """
 
     def __init__(self, build: Callable[[GuestMemory], PciDevice], mem: GuestMemory, *,
@@ -169,13 +177,33 @@ class ProxyDevice(PciDevice):
             self.pidfd = os.pidfd_open(pid)
         try:
             self._start(mem)
+        except DeviceDied as e:
+            reason = self._death_at_start(e)
+            self._abandon()
+            raise DeviceDied(reason) from None
         except BaseException:
-            self._kill_and_reap()
-            self.sock.close()
-            if self.pidfd is not None:
-                os.close(self.pidfd)
-                self.pidfd = None
+            self._abandon()
             raise
+
+    def _abandon(self) -> None:
+        """After a failed start: no process, no socket, no pidfd left behind."""
+        self._kill_and_reap()
+        self.sock.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    def _death_at_start(self, e: DeviceDied) -> str:
+        """Why the device process went away before answering INIT (a crash in its
+        on_device_sandboxed, a forbidden system call): reaped, so that the line names
+        the signal or the call rather than a closed socket."""
+        exiting = self.pidfd is None or select.select([self.pidfd], [], [], 2.0)[0]
+        if isinstance(e, RequestTimeout) or not exiting:   # alive: not a death to name
+            return str(e)
+        status = self._reap(wait=2.0)
+        self._read_leftover_events()
+        return describe_death(self._label, status, self.device_pid,
+                              "while starting in its process", self._violation)
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -259,6 +287,18 @@ class ProxyDevice(PciDevice):
         except ValueError:
             return "unreadable error"
 
+    def _error(self, data: bytes, startup: bool) -> VmmError:
+        """The exception for an ERROR answer: at start-up, one marked "start" is the
+        device refusing to start (its on_device_sandboxed raised)."""
+        text = self._error_text(data)
+        try:
+            err = P.unpack_json(data[1:])
+        except ValueError:
+            err = None
+        if startup and isinstance(err, dict) and err.get("start") is True:
+            return start_failure(self._label, text, err.get("config") is True)
+        return DeviceRequestError(f"device {self._label}: {text}")
+
     def _request(self, message: bytes, fds: Sequence[int] = (), *, reply: bool = True,
                  json_reply: bool = False, startup: bool = False) -> Any:
         """Send one request; handle CALLs/EVENTs until its reply. Raises DeviceDied."""
@@ -289,8 +329,7 @@ class ProxyDevice(PciDevice):
                     for fd in got:
                         os.close(fd)
                     if kind == P.ERROR:
-                        raise DeviceRequestError(f"device {self._label}: "
-                                                 f"{self._error_text(data)}")
+                        raise self._error(data, startup)
                     if kind == P.CALL:
                         self._answer_call(data[1:])
                     elif kind == P.EVENT:
@@ -445,6 +484,9 @@ class ProxyDevice(PciDevice):
             time.sleep(0.005)
 
     def _kill_and_reap(self) -> None:
+        if self._reaped_status is not None:     # reaped: the pid may be another's now
+            self._dead = True
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from vmmcore.arch.x86_64 import layout
 from vmmcore.bus import Bus
 from vmmcore.memory import GuestMemory
-from vmmcore.pci.device import PciDevice
+from vmmcore.pci.device import PciDevice, start_device
 from vmmcore.pci.root import PciRoot
 from vmmcore.pci.testing import ConfigMech1, FakeIoEvents, FakeIrqRouter
 from vmmcore.sandbox.jail import JailConfig
@@ -77,8 +77,9 @@ class PciVirtioRig:
                     cfg.seccomp = compile_policy(list(policies), log_failures=log_failures)
                 self.device = ProxyDevice(build, self.mem, label=label, jail=cfg,
                                           timeout=timeout, keep_fds=keep_fds)
-            else:
+            else:                        # as vm_builder does with --disable-sandbox
                 self.device = build(self.mem)
+                start_device(self.device)
             self.dev = self.root.add_device(self.device).device
             self._bring_up(features, queue_size)
         except BaseException:

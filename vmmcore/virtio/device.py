@@ -391,6 +391,21 @@ class VirtioDevice:
         """File descriptors the sandbox must keep open in the device process."""
         return []
 
+    def on_device_sandboxed(self) -> None:
+        """Start what must start where the device runs, before the guest does (plugin
+        API 1.5; crosvm's on_device_sandboxed): a backend that brings up threads or
+        loads libraries (virtio-gpu's virglrenderer) does it here rather than on the
+        guest's first request, so that what the jail lacks stops `vmm run` at start-up.
+
+        Called once: sandboxed, in the device process after the jail closed (seccomp
+        on, no file system but the plugin's binds) and before the device is placed;
+        with --disable-sandbox, in the main process after every device exists (no fork
+        follows). Raise to refuse to start: the message becomes one line naming the
+        device (a ConfigError exits with status 2, anything else 1); a crash of the
+        device process here is reported with its signal or forbidden system call.
+        Default: nothing.
+        """
+
     def shutdown(self) -> None:
         """The VM is going away: stop the worker."""
         if self.worker is not None:

@@ -171,6 +171,9 @@ class VirtioPciDevice(ConfiguredPciDevice):
         return super().keep_fds() + [e.fd for e in self.queue_evts] + [
             self.mem.fd, *self.device.keep_fds()]
 
+    def on_device_sandboxed(self) -> None:
+        self.device.on_device_sandboxed()
+
     def destroy(self) -> None:
         self.device.shutdown()
 

@@ -46,6 +46,7 @@ from vmm_virtio_gpu.virgl import (
     VirglUnavailable,
     capset_info,
     ffi,
+    require_virgl_capset,
 )
 from vmmcore.display import Display
 from vmmcore.virtio import Reader
@@ -91,6 +92,14 @@ class VirglGpu(VirtioGpu):
         self.contexts: set[int] = set()
         self._said_unavailable = False           # log the reason once, answer every time
         self._stopping = threading.Event()       # reset/shutdown: fence waits give up
+
+    def on_device_sandboxed(self) -> None:
+        """Initialise virglrenderer now, on its own thread, where the device runs (its
+        jail, or this process with --disable-sandbox): a library, driver or bind the
+        jail lacks, a forbidden system call or a second virgl GPU in one process stops
+        `vmm run` at start-up with the reason, not the guest's first 3D command."""
+        self.renderer.start()
+        self.renderer.call(require_virgl_capset)
 
     # -- talking to virglrenderer --------------------------------------------------------
 

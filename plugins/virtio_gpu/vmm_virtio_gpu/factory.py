@@ -2,8 +2,10 @@
 
 It runs in the main process before the device processes fork: it opens the display and
 the window inputs there, and for backend=virglrenderer it only checks (in a child
-process) that virglrenderer initialises, so that a host where it cannot stops at
-start-up with the reason; the device initialises it later, in its own process.
+process) that virglrenderer initialises on this host, so that a host where it cannot (or
+where Mesa crashes) stops at start-up with the reason. The device initialises it for
+real where it runs, still before the guest starts (VirglGpu.on_device_sandboxed: its
+jail, or this process once every device exists with --disable-sandbox).
 """
 
 from __future__ import annotations
@@ -18,19 +20,18 @@ def create(options: Mapping[str, Any], ctx: Any) -> VirtioGpu:
     """The PluginSpec factory: a GPU with its display backend (and window inputs)."""
     from vmmcore.display import DisplayOptions, input_channel, open_display
 
+    name = getattr(ctx, "name", "virtio_gpu0")
     gpu_class = VirtioGpu
     if options.get("backend", "2d") == "virglrenderer":
         from vmm_virtio_gpu.device3d import VirglGpu
-        from vmm_virtio_gpu.virgl import check_virglrenderer
 
-        check_virglrenderer()
+        _check_host(name)
         gpu_class = VirglGpu
     if options.get("hostmem"):
         from vmmcore.errors import ConfigError
 
         raise ConfigError("virtio-gpu hostmem: blob resources (the host-visible memory "
                           "region) are not implemented yet; leave hostmem=0")
-    name = getattr(ctx, "name", "virtio_gpu0")
     display = open_display(options.get("display", "headless"), DisplayOptions(
         name=name, width=options["width"], height=options["height"],
         num_scanouts=options.get("num_scanouts", 1),
@@ -44,3 +45,14 @@ def create(options: Mapping[str, Any], ctx: Any) -> VirtioGpu:
     return gpu_class(display, options["width"], options["height"],
                      num_scanouts=options.get("num_scanouts", 1),
                      refresh_rate=options.get("refresh_rate", 60), label=name)
+
+
+def _check_host(name: str) -> None:
+    """virglrenderer initialises on this host (a probe process), or one line naming
+    the device and why not."""
+    from vmm_virtio_gpu.virgl import VirglUnavailable, check_virglrenderer
+
+    try:
+        check_virglrenderer()
+    except VirglUnavailable as e:
+        raise VirglUnavailable(f"device {name}: {e}") from None

@@ -40,7 +40,7 @@ def _validate(options: dict[str, Any]) -> None:
 PLUGIN = PluginSpec(
     name="virtio_gpu",
     kind="device",
-    api_version="1.4",                # read-only sandbox_binds, sandbox_policies
+    api_version="1.5",                # sandbox_policies; on_device_sandboxed (1.5)
     summary="virtio GPU: 2D scanout (virgl 3D where libvirglrenderer works)",
     options=(
         Int("width", default=1280, min=1, max=16384, help="Display width in pixels."),

@@ -9,16 +9,20 @@ server and no DRM render node: without /dev/dri, Mesa's EGL falls back to llvmpi
 Why a thread of its own: virglrenderer keeps its GL context current on the thread that
 initialised it, and switches contexts lazily, so every later call must come from that
 same thread; the device's virtqueue worker, by contrast, is replaced on every reset.
-Why lazily: Mesa starts threads when it initialises, and threads do not survive fork, so
-the library is initialised in the process that runs the device (the jailed device
-process by default), on first use, never in the main process before the fork.
+When: Mesa starts threads when it initialises, and threads do not survive fork, so the
+library is initialised in the process that runs the device, never in the main process
+before the fork: the device's on_device_sandboxed() calls Renderer.start() in its jailed
+device process (or, with --disable-sandbox, once every device exists), so that what the
+jail or the host lacks stops `vmm run` at start-up; a Renderer nobody started starts on
+its first call.
 
 virglrenderer is a per-process singleton: one GPU per process may use it (the sandbox
-gives each device its own process).
+gives each device its own process); a second one in the same process fails to start.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import subprocess
@@ -92,17 +96,38 @@ ffi = cffi.FFI()
 ffi.cdef(CDEF)
 
 
+EGL_LIBRARY = "libEGL.so.1"
+EGL_PLATFORM_SURFACELESS_MESA = 0x31DD
+egl_ffi = cffi.FFI()
+egl_ffi.cdef("""
+void *eglGetPlatformDisplay(unsigned int platform, void *native_display,
+                            const intptr_t *attrib_list);
+unsigned int eglInitialize(void *dpy, int *major, int *minor);
+unsigned int eglTerminate(void *dpy);
+int eglGetError(void);
+""")
+
+
 class VirglUnavailable(VmmError):
     """backend=virglrenderer cannot initialise here; the message says why."""
 
 
-def _load() -> Any:
+def _dlopen(lib_ffi: cffi.FFI, name: str, package: str) -> Any:
+    """lib_ffi.dlopen(name), or VirglUnavailable naming it and the package to install.
+    ctypes loads it first: where dlopen fails, cffi falls back to ctypes.util.
+    find_library, which runs ldconfig and gcc, and in a jail seccomp kills the device
+    on their pipe2 instead of it saying which library is missing."""
     try:
-        return ffi.dlopen(LIBRARY)
+        ctypes.CDLL(name)
+        return lib_ffi.dlopen(name)
     except OSError as e:
         raise VirglUnavailable(
-            f"virtio-gpu backend=virglrenderer: cannot load {LIBRARY} ({e}); install "
-            "Debian's libvirglrenderer1 or use backend=2d") from None
+            f"virtio-gpu backend=virglrenderer: cannot load {name} ({e}); install "
+            f"Debian's {package} or use backend=2d") from None
+
+
+def _load() -> Any:
+    return _dlopen(ffi, LIBRARY, "libvirglrenderer1")
 
 
 class _FenceState:
@@ -160,7 +185,7 @@ class Renderer:
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn(lib, *args) on the renderer thread; start it (and virglrenderer) first."""
-        self._ensure_started()
+        self.start()
         done = threading.Event()
         box: list[Any] = [None, None]
         self._jobs.put((fn, args, box, done))
@@ -169,15 +194,20 @@ class Renderer:
             raise box[1]
         return box[0]
 
-    def _ensure_started(self) -> None:
+    def start(self) -> None:
+        """Start the renderer thread and initialise virglrenderer on it (once); raise
+        VirglUnavailable saying why it cannot, now and on every later call."""
         if self.error is not None:
             raise VirglUnavailable(self.error)
         if self._thread is not None:
             return
         with Renderer._owner_lock:
             if Renderer._active is not None and Renderer._active is not self:
-                raise VirglUnavailable("virglrenderer is already used by another GPU in "
-                                       "this process (one virgl GPU per device process)")
+                raise VirglUnavailable(
+                    "virtio-gpu backend=virglrenderer: another virgl GPU already uses "
+                    "virglrenderer in this process, which allows one per process (the "
+                    "sandbox gives each GPU its own: drop --disable-sandbox, or use "
+                    "backend=2d for the others)")
             Renderer._active = self
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ready,),
@@ -246,6 +276,7 @@ def _initialise(cookie: Any, cbs: Any) -> Any:
         raise VirglUnavailable("virglrenderer was initialised in the parent process "
                                "before this one was forked; Mesa cannot run here")
     lib = _load()
+    _check_egl()
     # No writable home in a jail: Mesa's on-disk shader cache would only fail.
     os.environ.setdefault("MESA_SHADER_CACHE_DISABLE", "true")
     _fences.done = 0
@@ -260,6 +291,22 @@ def _initialise(cookie: Any, cbs: Any) -> Any:
     return lib
 
 
+def _check_egl() -> None:
+    """Raise VirglUnavailable unless EGL opens a surfaceless display: virglrenderer
+    0.10.4 crashes (SIGSEGV) when it cannot, e.g. when glvnd finds no vendor library
+    (a jail without /usr/share/glvnd/egl_vendor.d, no libegl-mesa0)."""
+    egl = _dlopen(egl_ffi, EGL_LIBRARY, "libegl1 and libegl-mesa0")
+    display = egl.eglGetPlatformDisplay(EGL_PLATFORM_SURFACELESS_MESA, egl_ffi.NULL,
+                                        egl_ffi.NULL)
+    version = egl_ffi.new("int[2]")
+    if display == egl_ffi.NULL or not egl.eglInitialize(display, version, version + 1):
+        raise VirglUnavailable(
+            f"virtio-gpu backend=virglrenderer: EGL has no surfaceless display (EGL "
+            f"error {egl.eglGetError():#x}): no EGL vendor library was found or it "
+            "failed (glvnd's egl_vendor.d, Debian's libegl-mesa0); use backend=2d")
+    egl.eglTerminate(display)
+
+
 def capset_info(lib: Any, capset_id: int) -> tuple[int, int]:
     """(max_version, max_size) of a capset; (0, 0) when virglrenderer lacks it."""
     out = ffi.new("uint32_t[2]")
@@ -267,14 +314,27 @@ def capset_info(lib: Any, capset_id: int) -> tuple[int, int]:
     return int(out[0]), int(out[1])
 
 
+def require_virgl_capset(lib: Any) -> None:
+    """Raise VirglUnavailable unless virglrenderer serves the virgl capset: without it
+    a guest's Mesa has nothing to render with."""
+    if capset_info(lib, CAPSET_VIRGL) == (0, 0):
+        raise VirglUnavailable("virtio-gpu backend=virglrenderer: virglrenderer has no "
+                               "virgl capset")
+
+
 # -- the start-up check ----------------------------------------------------------------------
 
 
 def check_virglrenderer(env: dict[str, str] | None = None, timeout: float = 60) -> None:
-    """Raise VirglUnavailable (one line, saying why) unless virglrenderer initialises.
+    """Raise VirglUnavailable (one line, saying why) unless virglrenderer initialises
+    on this host.
 
     The probe runs in a separate process: initialising Mesa here, in the main process
-    before the device processes fork, would leave them with its dead threads.
+    before the device processes fork, would leave them with its dead threads. The
+    device initialises it again where it runs (VirglGpu.on_device_sandboxed: what its
+    jail lacks); this check is kept because a driver that crashes is contained here
+    with its stderr and advice, even with --disable-sandbox, where the device's own
+    start would take the VMM down with it.
     """
     try:
         proc = subprocess.run([sys.executable, "-c",
@@ -305,13 +365,9 @@ def _probe() -> None:
     cbs = ffi.new("struct virgl_renderer_callbacks *",
                   {"version": 1, "write_fence": _WRITE_FENCE})
     try:
-        lib = _initialise(cookie, cbs)
+        require_virgl_capset(_initialise(cookie, cbs))
     except VirglUnavailable as e:
         print(e, flush=True)
-        os._exit(1)
-    if capset_info(lib, CAPSET_VIRGL) == (0, 0):
-        print("virtio-gpu backend=virglrenderer: virglrenderer has no virgl capset",
-              flush=True)
         os._exit(1)
     os._exit(0)
 
