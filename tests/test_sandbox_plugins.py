@@ -187,6 +187,8 @@ def test_virtio_gpu_virgl_renders_in_its_jail(sandboxed):
     finds its libraries through the plugin's read-only binds and runs under its policy;
     a virgl CLEAR, read back with TRANSFER_FROM_HOST_3D, is right in every pixel.
     In-process runs first: virglrenderer cleaned up here must still start in a fork."""
+    spec, factory, policy = plugin("virtio_gpu")
+    _, _, headless_policy = plugin("display_headless")
     from vmm_virtio_gpu.virgl import VirglUnavailable, check_virglrenderer
 
     try:
@@ -199,8 +201,6 @@ def test_virtio_gpu_virgl_renders_in_its_jail(sandboxed):
     from vmmcore.sandbox.jail import JailConfig
     from vmmcore.vm_builder import _bind_mount
 
-    spec, factory, policy = plugin("virtio_gpu")
-    _, _, headless_policy = plugin("display_headless")
     o = options(spec, backend="virglrenderer", width=GpuClient.width,
                 height=GpuClient.height)
     ctx = SimpleNamespace(name="virtio_gpu0", index=0, mem_size=8 << 20)

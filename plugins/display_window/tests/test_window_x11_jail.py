@@ -7,6 +7,7 @@ and a click and a key sent with xdotool (XTEST) come out as evdev events."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import struct
@@ -22,8 +23,12 @@ import pytest
 from vmmcore.display import ABS_MAX, BTN_LEFT, EV_ABS, EV_KEY, EV_SYN, input_channel
 
 XVFB = shutil.which("Xvfb")
-pytestmark = pytest.mark.skipif(XVFB is None, reason="Xvfb is not installed (Debian's "
-                                "xvfb; scripts/setup installs it)")
+pytestmark = [
+    pytest.mark.skipif(XVFB is None, reason="Xvfb is not installed (Debian's xvfb; "
+                       "scripts/setup installs it)"),
+    pytest.mark.skipif(importlib.util.find_spec("vmm_virtio_gpu") is None,
+                       reason="a GPU draws into the window: vmm-virtio-gpu is not installed"),
+]
 W, H = 64, 48
 
 
