@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -409,3 +411,68 @@ def test_native_resize_racing_reset_never_uses_a_freed_engine(image, rig_factory
     assert rig.device.reset()
     t.join(TIMEOUT)
     assert freed and not used_after_free
+
+
+def _blocked_in_read(fd: int) -> bool:
+    """Some thread of this process sits in read(fd) (/proc's syscall file: nr 0, fd)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/syscall") as f:
+                fields = f.read().split()
+        except OSError:
+            continue
+        if fields[:2] == ["0", hex(fd)]:
+            return True
+    return False
+
+
+_DRAINER = """
+import os, sys
+fd, buf = int(sys.argv[1]), bytearray(8)
+while True:
+    try:
+        os.preadv(fd, [buf], -1, os.RWF_NOWAIT)
+    except BlockingIOError:
+        pass
+"""
+
+
+def _race_for_the_kick(kick: int, seconds: float) -> None:
+    """Kick while another process keeps draining the eventfd (a second reader), until
+    the engine was woken by poll() but found the counter drained: stuck in read() before
+    the fix; never after it, so the race then runs for `seconds`."""
+    drainer = subprocess.Popen([sys.executable, "-c", _DRAINER, str(kick)], pass_fds=[kick])
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for _ in range(50):
+                os.eventfd_write(kick, 1)
+            if _blocked_in_read(kick):
+                break
+    finally:
+        drainer.kill()
+        drainer.wait()
+
+
+def test_native_kick_drained_by_someone_else_does_not_hang_the_queue(image, rig_factory,
+                                                                     engine):
+    """The kick eventfd stays blocking for its other users; when one of them drains it
+    between the engine's poll() and read(), the queue thread must find nothing to do,
+    not sleep in read() forever (and reset, which joins it, with it)."""
+    if engine == "python":
+        pytest.skip("native engine only")
+    path, contents = image
+    rig = rig_factory(FileDisk(path), poll_us=0)
+    kick = rig.kicks[0].fileno()
+    assert os.get_blocking(kick)
+    _race_for_the_kick(kick, 2.0)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (rig.device.reset(), done.set()))
+    t.start()
+    hung = not done.wait(2.0)
+    while not done.is_set():                    # free a stuck thread before failing
+        os.eventfd_write(kick, 1)
+        done.wait(0.05)
+    t.join(TIMEOUT)
+    assert not hung, "the queue thread blocked in read() on a drained kick eventfd"
+    assert os.get_blocking(kick)                # what other users see is unchanged

@@ -201,6 +201,20 @@ static void poll_ring(struct queue *q) {
     }
 }
 
+/* Take the kick counter without ever blocking. The kick eventfd is the transport's and
+ * stays blocking for its other users (O_NONBLOCK on it, or on a dup, which shares the
+ * file status flags, would change what they see; /proc/self/fd reopening is refused for
+ * an eventfd). RWF_NOWAIT makes this one read non-blocking: if something else drained
+ * the counter between poll() and here, it is EAGAIN (nothing to do), not a thread stuck
+ * in read() that stop() would wait for forever. A kernel without RWF_NOWAIT on eventfds
+ * (EOPNOTSUPP, before 5.x) gets the plain read. */
+static void take_kick(struct queue *q) {
+    uint64_t v;
+    struct iovec iov = {&v, sizeof v};
+    if (preadv2(q->kick_fd, &iov, 1, -1, RWF_NOWAIT) < 0 && errno == EOPNOTSUPP)
+        (void)!read(q->kick_fd, &v, sizeof v);
+}
+
 static void *queue_main(void *arg) {
     struct queue *q = arg;
     struct engine *e = q->e;
@@ -218,9 +232,7 @@ static void *queue_main(void *arg) {
             engine_fail(e, "queue %d: kick eventfd failed", q->index);
             return NULL;
         }
-        eventfd_t v;
-        if (eventfd_read(q->kick_fd, &v) < 0 && errno != EAGAIN)
-            continue;
+        take_kick(q);
         if (!__atomic_load_n(&e->failed, __ATOMIC_ACQUIRE)) {
             handle_queue(q);
             poll_ring(q);
