@@ -373,6 +373,66 @@ def test_native_no_irqfd_write_after_the_mask_listener_returns(image, rig_factor
         os.close(wfd)
 
 
+def _full_pipe() -> tuple[int, int]:
+    """A pipe whose (blocking) write end is full: an engine writing it as an irqfd
+    stalls there, holding its queue's lock, until the test reads."""
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)
+    try:
+        while True:
+            os.write(wfd, bytes(4096))
+    except BlockingIOError:
+        pass
+    os.set_blocking(wfd, True)
+    return rfd, wfd
+
+
+def test_native_mask_during_reset_still_reaches_the_engine(image, rig_factory, engine):
+    """Reset waits for requests in flight; a mask while it waits must still stop their
+    completions from writing the irqfd (before, stop() removed the MSI-X listener first:
+    the mask returned at once and the next completion wrote the old route anyway)."""
+    if engine == "python":
+        pytest.skip("native engine only")
+    from vmmcore.virtio import VirtioInterrupt
+
+    path, _ = image
+    rfd, wfd = _full_pipe()
+    try:
+        msix = _MaskableMsix(wfd)
+        rig = rig_factory(FileDisk(path), activate=False, io_threads=2,
+                          rig_kw={"event_idx": False})
+        rig.interrupt = VirtioInterrupt(msix=msix, on_needs_reset=rig._on_reset)
+        rig.activate()
+        rig.read(3, 512, kick=False)
+        rig.read(5, 512)                        # a batch: both go to the pool
+        d = rig.drivers[0]
+        deadline = time.monotonic() + TIMEOUT
+        while d.used_idx() == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.05)                        # one completion stuck in the irqfd write
+        reset = threading.Thread(target=rig.device.reset)
+        reset.start()
+        time.sleep(0.05)                        # reset now waits for it
+        masked = threading.Event()
+        t = threading.Thread(target=lambda: (msix.mask(), masked.set()))
+        t.start()
+        waited = not masked.wait(0.2)
+        os.set_blocking(rfd, False)
+        while not masked.is_set():
+            drain(rfd)
+            time.sleep(0.001)
+        t.join(TIMEOUT)
+        drain(rfd)                              # everything written before it returned
+        reset.join(TIMEOUT)
+        assert not reset.is_alive()
+        assert waited, "the mask returned while a completion was writing the irqfd"
+        assert drain(rfd) == 0, "a completion wrote the irqfd after the mask returned"
+        assert d.used_idx() == 2
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+
+
 def test_native_resize_racing_reset_never_uses_a_freed_engine(image, rig_factory, engine,
                                                               monkeypatch):
     """A resize (control thread) that read the engine pointer just before a reset

@@ -62,6 +62,10 @@ class NativeEngine:
         #: held by calls into the engine from other threads (resize, stats) and by
         #: stop() while it takes the engine away, so none of them uses a freed engine
         self._engine_lock = threading.Lock()
+        #: the engine the MSI-X route listener keeps up to date; unlike _engine it stays
+        #: set while stop() waits for requests in flight, whose completions still choose
+        #: between irqfd and call eventfd, and goes only with the listener
+        self._routed: Any = None
         self._worker: VirtioWorker | None = None
         self._event = EventFd(nonblocking=True)
         self._calls: list[EventFd] = []
@@ -92,6 +96,7 @@ class NativeEngine:
         err = lib.blk_engine_start(engine)
         if err:
             raise OSError(-err, f"starting the native engine's threads failed (errno {-err})")
+        self._routed = engine
         interrupt.add_route_listener(self._routes_changed)
         self._routes_changed()
         extra = {self._event.fileno(): self._on_event, **interrupt.poll_fds()}
@@ -129,7 +134,7 @@ class NativeEngine:
 
     def _routes_changed(self) -> None:
         """MSI-X changed: let the engine write each queue's irqfd itself where it may."""
-        interrupt, engine = self._interrupt, self._engine
+        interrupt, engine = self._interrupt, self._routed
         if interrupt is None or engine is None:
             return
         for i, q in enumerate(self._queues):
@@ -191,11 +196,11 @@ class NativeEngine:
         write the ring cursors back into the Queues, and free everything."""
         with self._engine_lock:
             engine, self._engine = self._engine, None
-        if self._interrupt is not None:
-            self._interrupt.remove_route_listener(self._routes_changed)
         stopped = True
         if engine is not None:
             lib.blk_engine_stop(engine)              # releases the GIL while it waits
+        self._stop_routing()
+        if engine is not None:
             self._sync_queues(engine)
             self._on_event(engine, stopping=True)    # its last messages
         if self._worker is not None:
@@ -210,6 +215,14 @@ class NativeEngine:
         if engine is not None:
             lib.blk_engine_free(engine)
         return stopped
+
+    def _stop_routing(self) -> None:
+        """Remove the MSI-X listener, only once the engine completes nothing more: until
+        then a mask must still reach the engine, or a completion would write the irqfd
+        after the guest's mask write returned (and the route may be rewritten)."""
+        if self._interrupt is not None:
+            self._interrupt.remove_route_listener(self._routes_changed)
+        self._routed = None
 
     def _sync_queues(self, engine: Any) -> None:
         avail, used = ffi.new("uint16_t *"), ffi.new("uint16_t *")
