@@ -315,6 +315,20 @@ def drain(fd: int) -> int:
             return n
 
 
+def _full_pipe() -> tuple[int, int]:
+    """A pipe whose (blocking) write end is full: an engine writing it as an irqfd
+    stalls there, holding its queue's lock, until the test reads."""
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)
+    try:
+        while True:
+            os.write(wfd, bytes(4096))
+    except BlockingIOError:
+        pass
+    os.set_blocking(wfd, True)
+    return rfd, wfd
+
+
 def test_native_no_irqfd_write_after_the_mask_listener_returns(image, rig_factory, engine):
     """Once the MSI-X listener returned from a mask, the engine must not write the
     vector's irqfd any more: the guest may now rewrite the route, and the interrupt
@@ -326,15 +340,8 @@ def test_native_no_irqfd_write_after_the_mask_listener_returns(image, rig_factor
     from vmmcore.virtio import VirtioInterrupt
 
     path, contents = image
-    rfd, wfd = os.pipe()
+    rfd, wfd = _full_pipe()
     try:
-        os.set_blocking(wfd, False)
-        try:
-            while True:
-                os.write(wfd, bytes(4096))
-        except BlockingIOError:
-            pass
-        os.set_blocking(wfd, True)
         msix = _MaskableMsix(wfd)
         rig = rig_factory(FileDisk(path), activate=False)
         rig.interrupt = VirtioInterrupt(msix=msix, on_needs_reset=rig._on_reset)
@@ -371,20 +378,6 @@ def test_native_no_irqfd_write_after_the_mask_listener_returns(image, rig_factor
     finally:
         os.close(rfd)
         os.close(wfd)
-
-
-def _full_pipe() -> tuple[int, int]:
-    """A pipe whose (blocking) write end is full: an engine writing it as an irqfd
-    stalls there, holding its queue's lock, until the test reads."""
-    rfd, wfd = os.pipe()
-    os.set_blocking(wfd, False)
-    try:
-        while True:
-            os.write(wfd, bytes(4096))
-    except BlockingIOError:
-        pass
-    os.set_blocking(wfd, True)
-    return rfd, wfd
 
 
 def test_native_mask_during_reset_still_reaches_the_engine(image, rig_factory, engine):
