@@ -723,3 +723,27 @@ def test_a_wedged_device_that_stops_reading_is_killed_not_waited_on_forever():
     finally:
         proxy.destroy(timeout=1.0)
         mem.close()
+
+
+class _ForbiddenRng(Rng):
+    """Makes a call its policy forbids when the driver kicks (getpgrp, nr 111)."""
+
+    def handle_queue(self, index: int) -> None:
+        os.getpgrp()
+
+
+def test_rig_names_a_device_death_instead_of_timing_out(policy):
+    """PciVirtioRig watches the device process as vmm run's supervisor does: a device
+    killed by seccomp while serving a request is reported at once, with the call, not
+    as a timeout ten seconds later ("device dead: False")."""
+    from vmmcore.sandbox.testing import PciVirtioRig
+
+    with PciVirtioRig(lambda m: VirtioPciDevice(_ForbiddenRng(), m, label="virtio-rng"),
+                      sandboxed=True, jail=JailConfig(seccomp=policy), timeout=10.0,
+                      label="rng0") as rig:
+        t0 = time.monotonic()
+        with pytest.raises(DeviceDied) as e:
+            rig.request(0, in_sizes=[16])
+        assert time.monotonic() - t0 < 5
+        assert "device rng0 was killed by seccomp: system call 111 (getpgrp)" in str(e.value)
+        assert rig.device.dead

@@ -18,13 +18,16 @@ the common configuration, DRIVER_OK). A kick writes the queue's ioeventfd direct
 KVM would, and completion waits on the vector's irqfd, so in the sandboxed case the data
 path runs without the main process exactly as in a VM. Sandboxed, the device process is
 jailed under the given policy files (the core's common policy is found by @include);
-``log_failures=True`` is --seccomp-log-failures.
+``log_failures=True`` is --seccomp-log-failures. While it waits for an interrupt the
+rig watches the device process too: its death raises DeviceDied with the report vmm run
+gives (the signal, or the system call seccomp refused), not a timeout.
 """
 
 from __future__ import annotations
 
 import select
 import struct
+import time
 from collections.abc import Callable, Sequence
 
 from vmmcore.arch.x86_64 import layout
@@ -35,7 +38,7 @@ from vmmcore.pci.root import PciRoot
 from vmmcore.pci.testing import ConfigMech1, FakeIoEvents, FakeIrqRouter
 from vmmcore.sandbox.jail import JailConfig
 from vmmcore.sandbox.policy import compile_policy
-from vmmcore.sandbox.proxy import ProxyDevice
+from vmmcore.sandbox.proxy import DeviceDied, ProxyDevice
 from vmmcore.virtio.status import (
     ACKNOWLEDGE,
     DRIVER,
@@ -180,11 +183,32 @@ class PciVirtioRig:
         self.kicks[queue].write(1)
 
     def wait_vector(self, vector: int, timeout: float | None = None) -> bool:
+        """Wait for the vector's irqfd. The device process's pidfd is watched too, as
+        vmm run's supervisor does, so a device that died (seccomp, a crash) raises
+        DeviceDied naming the signal or system call at once instead of a timeout."""
         evt = self.vectors[vector]
-        ready, _, _ = select.select([evt.fileno()], [], [], timeout or self.timeout)
-        if ready:
-            evt.try_read()
-        return bool(ready)
+        watched = [evt.fileno(), *self._pidfd()]
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while (remaining := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select(watched, [], [], remaining)
+            if evt.fileno() in ready:
+                evt.try_read()
+                return True
+            if ready:
+                self._raise_if_died()
+                watched = [evt.fileno()]   # exited, not reaped yet: just the irqfd
+        return False
+
+    def _pidfd(self) -> list[int]:
+        pidfd = getattr(self.device, "pidfd", None)
+        return [] if pidfd is None else [pidfd]
+
+    def _raise_if_died(self) -> None:
+        """Reap and describe the exited device process (ProxyDevice.check_exited, which
+        also reads the keeper's seccomp-violation event) and raise its report."""
+        device = self.device
+        if isinstance(device, ProxyDevice) and device.check_exited():
+            raise DeviceDied(device.death_reason or "the device process died")
 
     def request(self, queue: int, out: Sequence[bytes] = (), in_sizes: Sequence[int] = (),
                 timeout: float | None = None) -> Used:
