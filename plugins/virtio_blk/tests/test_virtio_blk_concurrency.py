@@ -329,6 +329,17 @@ def _full_pipe() -> tuple[int, int]:
     return rfd, wfd
 
 
+def _rig_with_maskable_irqfd(rig_factory, path, wfd: int, **kw):
+    """(rig, msix): a rig whose queue vector is a _MaskableMsix writing fd wfd."""
+    from vmmcore.virtio import VirtioInterrupt
+
+    msix = _MaskableMsix(wfd)
+    rig = rig_factory(FileDisk(path), activate=False, **kw)
+    rig.interrupt = VirtioInterrupt(msix=msix, on_needs_reset=rig._on_reset)
+    rig.activate()
+    return rig, msix
+
+
 def test_native_no_irqfd_write_after_the_mask_listener_returns(image, rig_factory, engine):
     """Once the MSI-X listener returned from a mask, the engine must not write the
     vector's irqfd any more: the guest may now rewrite the route, and the interrupt
@@ -337,15 +348,10 @@ def test_native_no_irqfd_write_after_the_mask_listener_returns(image, rig_factor
     it returned at once and the write landed after it)."""
     if engine == "python":
         pytest.skip("native engine only")
-    from vmmcore.virtio import VirtioInterrupt
-
     path, contents = image
     rfd, wfd = _full_pipe()
     try:
-        msix = _MaskableMsix(wfd)
-        rig = rig_factory(FileDisk(path), activate=False)
-        rig.interrupt = VirtioInterrupt(msix=msix, on_needs_reset=rig._on_reset)
-        rig.activate()
+        rig, msix = _rig_with_maskable_irqfd(rig_factory, path, wfd)
         rig.read(3, 512)
         d = rig.drivers[0]
         deadline = time.monotonic() + TIMEOUT
@@ -386,16 +392,11 @@ def test_native_mask_during_reset_still_reaches_the_engine(image, rig_factory, e
     the mask returned at once and the next completion wrote the old route anyway)."""
     if engine == "python":
         pytest.skip("native engine only")
-    from vmmcore.virtio import VirtioInterrupt
-
     path, _ = image
     rfd, wfd = _full_pipe()
     try:
-        msix = _MaskableMsix(wfd)
-        rig = rig_factory(FileDisk(path), activate=False, io_threads=2,
-                          rig_kw={"event_idx": False})
-        rig.interrupt = VirtioInterrupt(msix=msix, on_needs_reset=rig._on_reset)
-        rig.activate()
+        rig, msix = _rig_with_maskable_irqfd(rig_factory, path, wfd, io_threads=2,
+                                             rig_kw={"event_idx": False})
         rig.read(3, 512, kick=False)
         rig.read(5, 512)                        # a batch: both go to the pool
         d = rig.drivers[0]
