@@ -16,6 +16,7 @@ from blk_rig import SECTORS, TIMEOUT, FileDisk, MiB, host, make_image, wait_fd
 from vmm_virtio_blk.device import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VirtioBlock
 
 from vmmcore.disk import Buffers
+from vmmcore.virtio.queue import VIRTQ_USED_F_NO_NOTIFY
 
 OK, IOERR = VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR
 
@@ -166,27 +167,105 @@ def test_native_queue_depth_is_real(tmp_path, rig_factory, engine):
     assert overtaken, "completions always came back in submission order"
 
 
-def test_native_polling_serves_without_a_kick(image, rig_factory, engine):
-    """poll_us: after a kick the queue thread watches the ring, so a request published
-    within the window is served with no kick at all (the driver's kick is withheld here
-    unless the request is still pending after 50 ms)."""
+def _publish_read(rig, sector: int):
+    """A read published on queue 0 without a kick: what the driver does when
+    virtqueue_kick_prepare() says the device is not listening."""
+    rig.drivers[0].num_added = 0          # the rig kicks without kick_prepare's reset
+    return rig.read(sector, 512, kick=False)
+
+
+def _served_within(rig, seconds: float) -> bool:
+    d = rig.drivers[0]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if d.used_idx() != d.last_used:
+            return True
+        time.sleep(0.0005)
+    return d.used_idx() != d.last_used
+
+
+def _kicks_off(d) -> bool:
+    """Has the device turned the driver's kicks off? With EVENT_IDX: avail_event left
+    behind the avail index (a device that wants kicks keeps it at its next entry);
+    without: VIRTQ_USED_F_NO_NOTIFY in used->flags."""
+    if d.event_idx:
+        return d.mem.read_u16(d.used + 4 + 8 * d.size) != d.avail_idx
+    return bool(d.mem.read_u16(d.used) & VIRTQ_USED_F_NO_NOTIFY)
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_native_polling_serves_without_a_kick(image, rig_factory, engine, event_idx):
+    """poll_us: while kicked requests come close together the window opens, and the
+    queue thread then watches the ring with kicks off (avail_event left behind, or
+    VIRTQ_USED_F_NO_NOTIFY): the driver, asking as virtqueue_kick_prepare() does, is told
+    not to kick, and the request it publishes is served all the same."""
     if engine == "python":
         pytest.skip("native engine only")
     path, contents = image
-    rig = rig_factory(FileDisk(path), poll_us=1000)
-    assert rig.do_read(0, 512).status == OK                   # kicked: the window opens
-    for i in range(50):
-        req = rig.read(i, 512, kick=False)
-        deadline = threading.Event()
-        for _ in range(50):
-            if rig.drivers[0].used_idx() != rig.drivers[0].last_used:
-                break
-            deadline.wait(0.001)
-        else:
-            rig.drivers[0].kick_evt.write(1)                  # missed the window
+    rig = rig_factory(FileDisk(path), poll_us=1000, rig_kw={"event_idx": event_idx})
+    d = rig.drivers[0]
+    served_unkicked = 0
+    for i in range(200):
+        assert rig.do_read(0, 512).status == OK               # kicked, back to back
+        off = _kicks_off(d)
+        req = _publish_read(rig, i)
+        quiet = off and not d.kick_needed()
+        if not (quiet and _served_within(rig, 0.05)):
+            d.kick_evt.write(1)                               # missed the window
+            quiet = False
         [done] = rig.wait(1)
         assert done.head == req.head and done.data == contents[i * 512:(i + 1) * 512]
-    assert rig.device.engine_stats()["polled"] >= 1
+        served_unkicked += quiet
+        if served_unkicked >= 3:
+            break
+    assert served_unkicked >= 3, "no request was served by polling with kicks off"
+    assert rig.device.engine_stats()["polled"] >= 3
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_native_polling_stops_when_requests_come_far_apart(image, rig_factory, engine,
+                                                          event_idx):
+    """A kick that comes later than poll_us after the last service drops the window to
+    0: the queue thread sleeps with kicks on again, so an unkicked request waits (the
+    driver is told to kick, and the kick is served)."""
+    if engine == "python":
+        pytest.skip("native engine only")
+    path, contents = image
+    rig = rig_factory(FileDisk(path), poll_us=1000, rig_kw={"event_idx": event_idx})
+    d = rig.drivers[0]
+    for i in range(200):                                      # open the window
+        assert rig.do_read(i % 64, 512).status == OK
+        if rig.device.engine_stats()["poll_ns"]:
+            break
+    assert 0 < rig.device.engine_stats()["poll_ns"] <= 1_000_000
+    time.sleep(0.05)                                          # 50 x poll_us
+    assert rig.do_read(0, 512).status == OK                   # window -> 0
+    assert rig.device.engine_stats()["poll_ns"] == 0
+    time.sleep(0.01)                                          # the thread is asleep
+    assert not _kicks_off(d), "kicks are still off after the polling window closed"
+    req = _publish_read(rig, 7)
+    assert d.kick_needed()
+    assert not _served_within(rig, 0.03), "served without a kick while not polling"
+    d.kick_evt.write(1)
+    [done] = rig.wait(1)
+    assert done.head == req.head and done.data == contents[7 * 512:8 * 512]
+
+
+def test_native_polling_off(image, rig_factory, engine):
+    """poll_us=0: never polls, kicks always on."""
+    if engine == "python":
+        pytest.skip("native engine only")
+    path, _ = image
+    rig = rig_factory(FileDisk(path), poll_us=0)
+    for i in range(20):
+        assert rig.do_read(i, 512).status == OK
+    assert not _kicks_off(rig.drivers[0])
+    _publish_read(rig, 1)
+    assert rig.drivers[0].kick_needed()
+    assert not _served_within(rig, 0.02)
+    rig.drivers[0].kick_evt.write(1)
+    rig.wait(1)
+    assert rig.device.engine_stats()["polled"] == 0
 
 
 def test_capacity_change_reaches_the_running_engine(image, rig_factory):

@@ -178,27 +178,53 @@ static uint64_t now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* After serving a kick, watch avail->idx for poll_us before sleeping again (QEMU's
- * poll-max-ns): a driver that submits its next request within that window is served
- * without a kick's wake-up. A full window with nothing new costs poll_us of CPU. */
-static void poll_ring(struct queue *q) {
+/* After serving a kick, watch avail->idx instead of sleeping, with the driver's kicks
+ * off (QEMU's adaptive AioContext polling; poll_us is its poll-max-ns): a driver that
+ * submits its next request within the window is served without a kick or a wake-up on
+ * either side. The window adapts as QEMU's does: it starts at POLL_START_NS when a
+ * kick follows the last service within poll_us, doubles (up to poll_us) each time the
+ * thread slept but would have caught the request by polling longer, and drops to 0
+ * when requests come further apart than poll_us, where polling would only burn a CPU.
+ * Returns, with kicks on again, when a window passes with nothing new: the time that
+ * window began, i.e. when the ring was last served. */
+#define POLL_START_NS 4000u
+
+static uint64_t poll_ring(struct queue *q) {
     struct engine *e = q->e;
-    uint64_t window = (uint64_t)e->cfg.poll_us * 1000u;
-    if (!window)
-        return;
-    uint64_t deadline = now_ns() + window;
-    while (!__atomic_load_n(&e->failed, __ATOMIC_ACQUIRE)) {
-        /* next_avail is only written by this thread: reading it unlocked is safe */
-        if (load16(q->avail + 2) != q->next_avail) {
-            handle_queue(q);
-            stat_add(&e->stats.polled, 1);
-            deadline = now_ns() + window;
-            continue;
+    for (;;) {
+        uint64_t served = now_ns(), deadline = served + q->poll_ns;
+        int found = 0;
+        if (q->poll_ns) {
+            set_notify(q, 0);
+            while (!__atomic_load_n(&e->failed, __ATOMIC_ACQUIRE)) {
+                /* next_avail is only written by this thread: reading it unlocked is safe */
+                if (load16(q->avail + 2) != q->next_avail) {
+                    found = 1;
+                    break;
+                }
+                if (now_ns() >= deadline)
+                    break;
+                __builtin_ia32_pause();
+            }
         }
-        if (now_ns() >= deadline)
-            return;
-        __builtin_ia32_pause();
+        if (!found && !set_notify(q, 1))
+            return served;
+        if (__atomic_load_n(&e->failed, __ATOMIC_ACQUIRE))
+            return served;
+        handle_queue(q);
+        stat_add(&e->stats.polled, 1);
     }
+}
+
+/* A kick woke the queue thread `idle_ns` after it last served the ring (its polling
+ * included): adapt the polling window (see poll_ring). */
+static void adapt_poll(struct queue *q, uint64_t idle_ns) {
+    uint64_t max = (uint64_t)q->e->cfg.poll_us * 1000u, w = q->poll_ns;
+    if (idle_ns > max)
+        w = 0;
+    else if (idle_ns > w)
+        w = w ? (2 * w < max ? 2 * w : max) : (POLL_START_NS < max ? POLL_START_NS : max);
+    __atomic_store_n(&q->poll_ns, (uint32_t)w, __ATOMIC_RELAXED);   /* stats read it */
 }
 
 /* Take the kick counter without ever blocking. The kick eventfd is the transport's and
@@ -219,6 +245,7 @@ static void *queue_main(void *arg) {
     struct queue *q = arg;
     struct engine *e = q->e;
     struct pollfd fds[2] = {{q->kick_fd, POLLIN, 0}, {e->stop_fd, POLLIN, 0}};
+    uint64_t idle_since = 0;    /* when the ring was last served (with poll_us) */
     for (;;) {
         if (poll(fds, 2, -1) < 0) {
             if (errno == EINTR)
@@ -233,9 +260,11 @@ static void *queue_main(void *arg) {
             return NULL;
         }
         take_kick(q);
+        if (e->cfg.poll_us)
+            adapt_poll(q, now_ns() - idle_since);
         if (!__atomic_load_n(&e->failed, __ATOMIC_ACQUIRE)) {
             handle_queue(q);
-            poll_ring(q);
+            idle_since = e->cfg.poll_us ? poll_ring(q) : 0;
         }
     }
 }
@@ -387,6 +416,11 @@ void blk_engine_stats(struct engine *e, struct blk_stats *out) {
     *out = e->stats;
     out->peak_in_disk = __atomic_load_n(&e->peak_in_disk, __ATOMIC_RELAXED);
     out->inflight = __atomic_load_n(&e->inflight, __ATOMIC_RELAXED);
+    out->poll_ns = 0;
+    for (int i = 0; i < e->nqueues; i++) {
+        uint32_t w = __atomic_load_n(&e->queues[i].poll_ns, __ATOMIC_RELAXED);
+        out->poll_ns = w > out->poll_ns ? w : out->poll_ns;
+    }
     pthread_mutex_unlock(&e->msg_lock);
 }
 

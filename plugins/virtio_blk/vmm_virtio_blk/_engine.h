@@ -47,6 +47,7 @@ struct blk_stats {
     uint64_t polled;            /* ring checks that found work without a kick */
     uint32_t peak_in_disk;      /* most requests inside a disk call at once */
     uint32_t inflight;
+    uint32_t poll_ns;           /* the widest queue polling window now (ns; 0: asleep) */
 };
 
 struct engine;

@@ -30,6 +30,7 @@
 #define DESC_F_WRITE 2
 #define DESC_F_INDIRECT 4
 #define AVAIL_F_NO_INTERRUPT 1
+#define USED_F_NO_NOTIFY 1
 #define U32_MAX_LEN 0xFFFFFFFFull
 
 #define T_IN 0
@@ -92,6 +93,8 @@ struct queue {
     uint8_t *used;              /* 6 + 8 * size */
     uint16_t next_avail, next_used, signalled_used;
     uint32_t unsignalled;
+    int notify_off;             /* queue thread: polling, so the driver need not kick */
+    uint32_t poll_ns;           /* queue thread: the adaptive polling window */
     int kick_fd, call_fd;
     int irq_fd;                 /* under lock: >= 0 write it directly, else call_fd */
     pthread_mutex_t lock;       /* pop and completion, like the Python queue lock */
@@ -151,6 +154,7 @@ void engine_fail(struct engine *e, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 void disk_error(struct engine *e, const char *what, uint64_t off, int err);
 int pop(struct queue *q, struct req *req);
+int set_notify(struct queue *q, int on);
 void add_used(struct queue *q, uint16_t head, uint32_t written);
 int needs_interrupt(struct queue *q);
 void signal_queue(struct queue *q);

@@ -187,7 +187,7 @@ int pop(struct queue *q, struct req *req) {
     uint8_t *avail_event = q->used + 4 + 8u * q->size;
     uint16_t pending = (uint16_t)(load16(q->avail + 2) - q->next_avail);
     if (pending == 0) {
-        if (!q->event_idx)
+        if (!q->event_idx || q->notify_off)
             return 0;
         store16(avail_event, q->next_avail);   /* kick me for the next one ... */
         fence();                               /* ... then look again */
@@ -205,9 +205,30 @@ int pop(struct queue *q, struct req *req) {
     if (walk_chain(q, head, slot, req) < 0)
         return -1;
     q->next_avail++;
-    if (q->event_idx)
+    if (q->event_idx && !q->notify_off)
         store16(avail_event, q->next_avail);
     return 1;
+}
+
+/* Turn the driver's kicks off while the queue thread polls the ring, and back on
+ * before it sleeps (QEMU's virtio_queue_set_notification, vhost's enable/disable_notify).
+ * With EVENT_IDX "off" is leaving avail_event behind, where the driver has passed it;
+ * "on" republishes it. Without, it is VIRTQ_USED_F_NO_NOTIFY in used->flags. Returns
+ * whether chains are waiting once kicks are on again: one published in between would
+ * otherwise sit there unkicked. Queue thread only (it alone pops). */
+int set_notify(struct queue *q, int on) {
+    uint8_t *avail_event = q->used + 4 + 8u * q->size;
+    q->notify_off = !on;
+    if (q->event_idx) {
+        if (on)
+            store16(avail_event, q->next_avail);
+    } else {
+        store16(q->used, on ? 0 : USED_F_NO_NOTIFY);
+    }
+    if (!on)
+        return 0;
+    fence();
+    return load16(q->avail + 2) != q->next_avail;
 }
 
 /* -- the used ring: add_used / needs_interrupt / signalling ------------------------- */

@@ -55,10 +55,11 @@ PLUGIN = PluginSpec(
         Enum("engine", ("auto", "native", "python"), default="auto",
              help="Request path: native (C, GIL-free; formats that map the disk onto one "
                   "file, i.e. raw), python (any format), or auto (native where it can)."),
-        Int("poll_us", default=0, min=0, max=1000,
-            help="Native engine: microseconds a queue thread keeps watching the ring "
-                 "after a kick before it sleeps (QEMU's poll-max-ns). Costs a core while "
-                 "it spins: 0 (never) unless the host has cores to spare."),
+        Int("poll_us", default=32, min=0, max=1000,
+            help="Native engine: the most microseconds a queue thread keeps watching "
+                 "the ring, kicks off, after serving it (QEMU's adaptive poll-max-ns, "
+                 "same default): the window grows while requests come that close "
+                 "together and drops to 0 when they do not. 0 never polls."),
     ),
     positional="path",
     policy="virtio_blk.policy",
