@@ -59,7 +59,8 @@ MARKER = "E2E:"
 
 # Programs of the level-2 image: C sources beside this file, built static with gcc when
 # the image is built (path in the image -> source).
-LEVEL2_PROGRAMS = {"bin/virgl_check": Path(__file__).with_name("virgl_check.c")}
+LEVEL2_PROGRAMS = {"bin/virgl_check": Path(__file__).with_name("virgl_check.c"),
+                   "bin/iopoll_check": Path(__file__).with_name("iopoll_check.c")}
 
 
 def cache_dir() -> Path:
@@ -437,8 +438,15 @@ mount -t devtmpfs dev /dev
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 say() { echo "E2E: $*"; }
 say "init=$(cut -d' ' -f1 /proc/uptime)"
+# insmod with the module's options from the kernel command line (MODULE.OPTION=VALUE),
+# as modprobe would pass them
 for m in $(cat /etc/modules.load); do
-    insmod "$m" 2>/dev/null || say "insmod-failed $m"
+    name=$(basename "$m" .ko | tr - _)
+    opts=""
+    for arg in $(cat /proc/cmdline); do
+        case "$arg" in "$name".*=*) opts="$opts ${arg#"$name".}" ;; esac
+    done
+    insmod "$m" $opts 2>/dev/null || say "insmod-failed $m"
 done
 scenarios=/scenario.sh
 for arg in $(cat /proc/cmdline); do
@@ -511,6 +519,24 @@ if [ -b /dev/vdb ] && [ "$(cat /sys/block/vdb/ro)" = 1 ]; then
         say "vdb-write=refused"
     fi
 fi
+""",
+    # virtio-blk poll queues (virtio_blk.poll_queues=1 on the command line, num_queues=2,
+    # 2 vCPUs): the hardware queues blk-mq made, whether vda polls, and polled reads and
+    # writes through io_uring IOPOLL (iopoll_check.c) against the host's block pattern.
+    # Interrupts of the request queues' vectors around iopoll_check tell whether its I/O
+    # was polled: a polled request that found no poll queue quietly takes the interrupt
+    # path instead (Linux clears REQ_POLLED), and then each one is an interrupt.
+    "blkpoll": r"""say() { echo "E2E: $*"; }
+say "vda-hw-queues=$(ls -d /sys/block/vda/mq/[0-9]* 2>/dev/null | wc -l)"
+say "vda-io-poll=$(cat /sys/block/vda/queue/io_poll 2>/dev/null || echo missing)"
+req_irqs() {
+    grep 'virtio[0-9]*-req' /proc/interrupts |
+        awk '{for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i} END {print s + 0}'
+}
+say "vda-req-vectors=$(grep -c 'virtio[0-9]*-req' /proc/interrupts)"
+say "vda-req-irqs-before=$(req_irqs)"
+/bin/iopoll_check /dev/vda
+say "vda-req-irqs-after=$(req_irqs)"
 """,
     # virtio-rng: the hw_random core picks it, /dev/hwrng yields bytes.
     "rng": r"""say() { echo "E2E: $*"; }
