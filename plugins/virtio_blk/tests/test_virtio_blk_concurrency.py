@@ -184,6 +184,18 @@ def _served_within(rig, seconds: float) -> bool:
     return d.used_idx() != d.last_used
 
 
+def _take_kick(fd: int) -> None:
+    """Drain a kick eventfd without blocking (the queue thread may take it first; it
+    reads with RWF_NOWAIT and polls, so O_NONBLOCK for a moment changes nothing there)."""
+    os.set_blocking(fd, False)
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+    finally:
+        os.set_blocking(fd, True)
+
+
 def _kicks_off(d) -> bool:
     """Has the device turned the driver's kicks off? With EVENT_IDX: avail_event left
     behind the avail index (a device that wants kicks keeps it at its next entry);
@@ -207,7 +219,11 @@ def test_native_polling_serves_without_a_kick(image, rig_factory, engine, event_
     served_unkicked = 0
     for i in range(200):
         assert rig.do_read(0, 512).status == OK               # kicked, back to back
+        # the rig kicks unconditionally: take a kick the device did not need, so that
+        # it cannot wake the thread for the next request (only polling may serve it)
+        _take_kick(d.kick_evt.fileno())
         off = _kicks_off(d)
+        polled = rig.device.engine_stats()["polled"]
         req = _publish_read(rig, i)
         quiet = off and not d.kick_needed()
         if not (quiet and _served_within(rig, 0.05)):
@@ -215,7 +231,9 @@ def test_native_polling_serves_without_a_kick(image, rig_factory, engine, event_
             quiet = False
         [done] = rig.wait(1)
         assert done.head == req.head and done.data == contents[i * 512:(i + 1) * 512]
-        served_unkicked += quiet
+        if quiet:
+            assert rig.device.engine_stats()["polled"] > polled
+            served_unkicked += 1
         if served_unkicked >= 3:
             break
     assert served_unkicked >= 3, "no request was served by polling with kicks off"
@@ -249,6 +267,30 @@ def test_native_polling_stops_when_requests_come_far_apart(image, rig_factory, e
     d.kick_evt.write(1)
     [done] = rig.wait(1)
     assert done.head == req.head and done.data == contents[7 * 512:8 * 512]
+
+
+def test_native_polling_window_ignores_stale_kicks(image, rig_factory, engine):
+    """A kick for a request that polling already served wakes the thread later with
+    nothing new: that wake-up neither widens nor closes the window (it would, measured
+    as a request arriving one window after the last service)."""
+    if engine == "python":
+        pytest.skip("native engine only")
+    path, _ = image
+    rig = rig_factory(FileDisk(path), poll_us=1000)
+    checked = 0
+    for i in range(300):
+        polled = rig.device.engine_stats()["polled"]
+        assert rig.do_read(i % 64, 512).status == OK          # always kicked
+        stats = rig.device.engine_stats()
+        if stats["polled"] == polled:
+            continue                       # served on its kick: nothing stale
+        window = stats["poll_ns"]          # polling served it; its kick is stale
+        time.sleep(0.005)                  # 5 x poll_us: the window ends, the thread sleeps
+        assert rig.device.engine_stats()["poll_ns"] == window
+        checked += 1
+        if checked == 5:
+            break
+    assert checked == 5, "polling never served a kicked request"
 
 
 def test_native_polling_off(image, rig_factory, engine):

@@ -178,6 +178,20 @@ static uint64_t now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* Take the kick counter without ever blocking. The kick eventfd is the transport's and
+ * stays blocking for its other users (O_NONBLOCK on it, or on a dup, which shares the
+ * file status flags, would change what they see; /proc/self/fd reopening is refused for
+ * an eventfd). RWF_NOWAIT makes this one read non-blocking: if something else drained
+ * the counter between poll() and here, it is EAGAIN (nothing to do), not a thread stuck
+ * in read() that stop() would wait for forever. A kernel without RWF_NOWAIT on eventfds
+ * (EOPNOTSUPP, before 5.x) gets the plain read. */
+static void take_kick(struct queue *q) {
+    uint64_t v;
+    struct iovec iov = {&v, sizeof v};
+    if (preadv2(q->kick_fd, &iov, 1, -1, RWF_NOWAIT) < 0 && errno == EOPNOTSUPP)
+        (void)!read(q->kick_fd, &v, sizeof v);
+}
+
 /* After serving a kick, watch avail->idx instead of sleeping, with the driver's kicks
  * off (QEMU's adaptive AioContext polling; poll_us is its poll-max-ns): a driver that
  * submits its next request within the window is served without a kick or a wake-up on
@@ -189,6 +203,11 @@ static uint64_t now_ns(void) {
  * window began, i.e. when the ring was last served. */
 #define POLL_START_NS 4000u
 
+static int polling_stops(struct engine *e) {
+    return __atomic_load_n(&e->failed, __ATOMIC_ACQUIRE) ||
+           __atomic_load_n(&e->stopping, __ATOMIC_ACQUIRE);
+}
+
 static uint64_t poll_ring(struct queue *q) {
     struct engine *e = q->e;
     for (;;) {
@@ -196,7 +215,7 @@ static uint64_t poll_ring(struct queue *q) {
         int found = 0;
         if (q->poll_ns) {
             set_notify(q, 0);
-            while (!__atomic_load_n(&e->failed, __ATOMIC_ACQUIRE)) {
+            while (!polling_stops(e)) {
                 /* next_avail is only written by this thread: reading it unlocked is safe */
                 if (load16(q->avail + 2) != q->next_avail) {
                     found = 1;
@@ -209,8 +228,13 @@ static uint64_t poll_ring(struct queue *q) {
         }
         if (!found && !set_notify(q, 1))
             return served;
-        if (__atomic_load_n(&e->failed, __ATOMIC_ACQUIRE))
+        if (polling_stops(e)) {
+            set_notify(q, 1);
             return served;
+        }
+        /* A kick sent before kicks went off (or racing that) is for what is served
+         * now: taken here, it cannot wake the thread later as if a request came. */
+        take_kick(q);
         handle_queue(q);
         stat_add(&e->stats.polled, 1);
     }
@@ -225,20 +249,6 @@ static void adapt_poll(struct queue *q, uint64_t idle_ns) {
     else if (idle_ns > w)
         w = w ? (2 * w < max ? 2 * w : max) : (POLL_START_NS < max ? POLL_START_NS : max);
     __atomic_store_n(&q->poll_ns, (uint32_t)w, __ATOMIC_RELAXED);   /* stats read it */
-}
-
-/* Take the kick counter without ever blocking. The kick eventfd is the transport's and
- * stays blocking for its other users (O_NONBLOCK on it, or on a dup, which shares the
- * file status flags, would change what they see; /proc/self/fd reopening is refused for
- * an eventfd). RWF_NOWAIT makes this one read non-blocking: if something else drained
- * the counter between poll() and here, it is EAGAIN (nothing to do), not a thread stuck
- * in read() that stop() would wait for forever. A kernel without RWF_NOWAIT on eventfds
- * (EOPNOTSUPP, before 5.x) gets the plain read. */
-static void take_kick(struct queue *q) {
-    uint64_t v;
-    struct iovec iov = {&v, sizeof v};
-    if (preadv2(q->kick_fd, &iov, 1, -1, RWF_NOWAIT) < 0 && errno == EOPNOTSUPP)
-        (void)!read(q->kick_fd, &v, sizeof v);
 }
 
 static void *queue_main(void *arg) {
@@ -260,11 +270,15 @@ static void *queue_main(void *arg) {
             return NULL;
         }
         take_kick(q);
-        if (e->cfg.poll_us)
+        /* A wake-up with nothing new (a kick that an earlier service already covered)
+         * says nothing about how far apart requests come, and opens no window. */
+        int fresh = load16(q->avail + 2) != q->next_avail;
+        if (e->cfg.poll_us && fresh)
             adapt_poll(q, now_ns() - idle_since);
         if (!__atomic_load_n(&e->failed, __ATOMIC_ACQUIRE)) {
             handle_queue(q);
-            idle_since = e->cfg.poll_us ? poll_ring(q) : 0;
+            if (e->cfg.poll_us && fresh)
+                idle_since = poll_ring(q);
         }
     }
 }
@@ -279,6 +293,8 @@ struct engine *blk_engine_new(const struct blk_config *cfg, const struct blk_reg
     if (!e)
         return NULL;
     e->cfg = *cfg;
+    if (e->cfg.poll_us > 1000)        /* the plugin allows 0..1000; keep ns in 32 bits */
+        e->cfg.poll_us = 1000;
     e->regions = calloc((size_t)nregions, sizeof *regions);
     e->queues = calloc((size_t)nqueues, sizeof *e->queues);
     e->workers = calloc((size_t)cfg->io_threads, sizeof *e->workers);
@@ -352,6 +368,7 @@ int blk_engine_start(struct engine *e) {
 }
 
 void blk_engine_stop(struct engine *e) {
+    __atomic_store_n(&e->stopping, 1, __ATOMIC_RELEASE);   /* ends ring polling */
     eventfd_write(e->stop_fd, 1);
     for (int i = 0; i < e->nqueues; i++) {
         if (e->queues[i].started) {

@@ -113,6 +113,7 @@ struct engine {
     struct queue *queues;
     int nqueues;
     int stop_fd;
+    int stopping;               /* atomic: blk_engine_stop began (ends ring polling) */
     int failed;                 /* atomic */
     char reason[256];           /* the first failure, set once under msg_lock */
     char last_error[256];       /* the last disk error, under msg_lock */

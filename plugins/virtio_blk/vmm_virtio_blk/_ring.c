@@ -212,16 +212,17 @@ int pop(struct queue *q, struct req *req) {
 
 /* Turn the driver's kicks off while the queue thread polls the ring, and back on
  * before it sleeps (QEMU's virtio_queue_set_notification, vhost's enable/disable_notify).
- * With EVENT_IDX "off" is leaving avail_event behind, where the driver has passed it;
- * "on" republishes it. Without, it is VIRTQ_USED_F_NO_NOTIFY in used->flags. Returns
- * whether chains are waiting once kicks are on again: one published in between would
- * otherwise sit there unkicked. Queue thread only (it alone pops). */
+ * With EVENT_IDX "off" is avail_event one behind the next entry, so that not even the
+ * next request kicks (the driver kicks when its new entries cross avail_event; any value
+ * is allowed, 2.7.10), and pop leaves it there; "on" republishes next_avail. Without,
+ * it is VIRTQ_USED_F_NO_NOTIFY in used->flags. Returns whether chains are waiting once
+ * kicks are on again: one published in between would otherwise sit there unkicked.
+ * Queue thread only (it alone pops). */
 int set_notify(struct queue *q, int on) {
     uint8_t *avail_event = q->used + 4 + 8u * q->size;
     q->notify_off = !on;
     if (q->event_idx) {
-        if (on)
-            store16(avail_event, q->next_avail);
+        store16(avail_event, (uint16_t)(on ? q->next_avail : q->next_avail - 1u));
     } else {
         store16(q->used, on ? 0 : USED_F_NO_NOTIFY);
     }
