@@ -747,3 +747,56 @@ def test_rig_names_a_device_death_instead_of_timing_out(policy):
         assert time.monotonic() - t0 < 5
         assert "device rng0 was killed by seccomp: system call 111 (getpgrp)" in str(e.value)
         assert rig.device.dead
+
+
+# -- forking ---------------------------------------------------------------------------
+
+
+class _Cycle:
+    """An object in a reference cycle that owns an fd, as a file or socket does."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.me = fd, self
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def _child_keeps_reused_fd(fork) -> bool:
+    """Fork while an uncollected cycle owns fd N; in the child close N (as the device
+    process closes what it does not keep), open a file that gets N, run the collector:
+    is the child's file still open?"""
+    import gc
+
+    fd = os.open("/dev/null", os.O_RDONLY)
+    gc.disable()
+    try:
+        _Cycle(fd)                                   # unreachable, not yet collected
+        pid = fork()
+        if pid == 0:
+            ok = 0
+            try:
+                os.close(fd)
+                mine = os.open("/proc/self/stat", os.O_RDONLY)
+                gc.collect()
+                ok = mine == fd and os.fstat(mine).st_ino == os.stat("/proc/self/stat").st_ino
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        gc.enable()
+        gc.collect()                                 # the parent's copy closes fd here
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def test_fork_frozen_child_never_collects_the_parents_objects():
+    """jail.fork_frozen (both sandbox forks use it) freezes what exists at the fork, so
+    a parent object's finalizer cannot close an fd number the child reused; a plain
+    os.fork shows the hazard."""
+    from vmmcore.sandbox.jail import fork_frozen
+
+    assert not _child_keeps_reused_fd(os.fork)
+    assert _child_keeps_reused_fd(fork_frozen)
+    import gc
+    assert gc.get_freeze_count() == 0                # the parent unfroze its objects

@@ -358,7 +358,7 @@ def keeper_main(sock: socket.socket, build: Callable[[GuestMemory], PciDevice],
         _jail.outer(cfg)
         if cfg.enabled and cfg.namespaces:
             watch_end, device_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = os.fork()
+            pid = _jail.fork_frozen()
             if pid == 0:
                 try:
                     watch_end.close()

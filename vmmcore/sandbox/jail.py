@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import importlib
 import os
 import resource
@@ -142,6 +143,26 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     prctl(PR_SET_PDEATHSIG, sig)
+
+
+def fork_frozen() -> int:
+    """os.fork(), with every object that exists now frozen (gc.freeze) in the child.
+
+    A device process closes the fds it does not keep and then opens its own, which
+    reuse those numbers. An object inherited from the parent that owns one of the old
+    numbers (a file or socket in a reference cycle, waiting for the collector) would,
+    if the child's cyclic GC collected it, close whatever the child opened under that
+    number since. Frozen objects are never collected; the parent unfreezes its own.
+    """
+    gc.freeze()
+    try:
+        pid = os.fork()
+    except BaseException:
+        gc.unfreeze()
+        raise
+    if pid:
+        gc.unfreeze()
+    return pid
 
 
 def _write(path: str, text: str) -> None:

@@ -74,7 +74,7 @@ from vmmcore.pci.device import (
 from vmmcore.pci.intx import PciIntx
 from vmmcore.pci.irq import IrqRouter
 from vmmcore.sandbox import protocol as P
-from vmmcore.sandbox.jail import JailConfig
+from vmmcore.sandbox.jail import JailConfig, fork_frozen
 from vmmcore.sandbox.policy import syscall_name
 from vmmcore.virtio.status import DeviceType
 
@@ -162,7 +162,7 @@ class ProxyDevice(PciDevice):
                         ", ".join(t.name for t in threading.enumerate()))
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = parent
-        pid = os.fork()
+        pid = fork_frozen()
         if pid == 0:   # the keeper; never returns
             parent.close()
             from vmmcore.sandbox.child_proc import keeper_main
