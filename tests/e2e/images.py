@@ -489,6 +489,46 @@ def blk_pattern() -> bytes:
     return text + b"\0" * (BLK_PATTERN_BYTES - len(text))
 
 
+# The blkpoll scenario's disk (iopoll_check.c): 4 MiB whose every 4 KiB block starts with
+# its number (u64 LE), then the bytes (block + i) & 0xff; the program overwrites blocks
+# 256..271 with the byte 0xA5 ^ block.
+IOPOLL_BLOCKS = 1024
+IOPOLL_WRITTEN = range(256, 272)
+#: Requests iopoll_check makes: 64 + 8 reads, 8 + 8 writes, 16 reads back.
+IOPOLL_IOS = 104
+
+
+def iopoll_image(after: bool = False) -> bytes:
+    """The blkpoll disk as the host writes it, or (after=True) as iopoll_check leaves it."""
+    ramp = bytes(range(256)) * 32
+    out = bytearray()
+    for b in range(IOPOLL_BLOCKS):
+        if after and b in IOPOLL_WRITTEN:
+            out += bytes([0xA5 ^ (b & 0xFF)]) * 4096
+            continue
+        block = bytearray(ramp[b % 256:b % 256 + 4096])
+        block[:8] = b.to_bytes(8, "little")
+        out += block
+    return bytes(out)
+
+
+def blkpoll_problem(markers: dict[str, str], image: bytes) -> str | None:
+    """What is wrong with a blkpoll run (its markers and the disk afterwards), or None:
+    2 hardware queues, one polling, every IOPOLL request done with at most 2 interrupts
+    on the request vectors (the fsync's flush), the writes in the image."""
+    want = {"vda-hw-queues": "2", "vda-io-poll": "1", "iopoll": "ok",
+            "iopoll-ios": str(IOPOLL_IOS)}
+    wrong = {k: markers.get(k) for k, v in want.items() if markers.get(k) != v}
+    if wrong:
+        return f"markers {wrong}, expected {want}"
+    irqs = int(markers["vda-req-irqs-after"]) - int(markers["vda-req-irqs-before"])
+    if irqs > 2:
+        return f"{irqs} request interrupts during polled I/O"
+    if image != iopoll_image(after=True):
+        return "the image does not hold what iopoll_check wrote"
+    return None
+
+
 # Named level-2 scenarios, /scenarios/NAME.sh in every level-2 image; chosen with
 # `-p e2e_scenario=NAME[,NAME...]`. Each prints `E2E: key=value` markers for the tests.
 LEVEL2_SCENARIOS = {

@@ -7,8 +7,9 @@ inside the level-1 host. The tests skip, with the reason "vmm cannot boot Linux 
 while harness.vmm_linux_boot_missing() says so.
 
 test_level2_image_under_qemu checks the level-2 image and every scenario (also those of
-test_e2e_devices.py) against QEMU's own virtio devices with QEMU TCG on this host, so that
-a failing `vmm run` scenario is not blamed on the image.
+test_e2e_devices.py; blkpoll in test_blkpoll_scenario_under_qemu, with its own disk and
+queues) against QEMU's own virtio devices with QEMU TCG on this host, so that a failing
+`vmm run` scenario is not blamed on the image.
 """
 
 from __future__ import annotations
@@ -56,6 +57,27 @@ def test_level2_image_under_qemu(e2e_kernel, e2e_timing, tmp_path):
     assert m.get("fb0") == "virtio_gpudrmfb" and m.get("fbcon-bound") == "1", out
     assert m.get("input-virtio") == "2", out
     assert "poweroff" in m, out
+
+
+def test_blkpoll_scenario_under_qemu(e2e_kernel, e2e_timing, tmp_path):
+    """Reference for test_e2e_devices' blk_poll: QEMU's own virtio-blk with 2 queues, 2
+    CPUs and virtio_blk.poll_queues=1 passes the same blkpoll scenario."""
+    kernel, initrd = harness.level2_images()
+    disk = tmp_path / "poll.img"
+    disk.write_bytes(images.iopoll_image())
+    argv = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-m", "256", "-smp", "2",
+            "-nographic", "-nodefaults", "-serial", "stdio", "-monitor", "none", "-no-reboot",
+            "-kernel", str(kernel), "-initrd", str(initrd),
+            "-drive", f"file={disk},format=raw,if=none,id=d0",
+            "-device", "virtio-blk-pci,drive=d0,num-queues=2",
+            "-append", harness.LEVEL2_APPEND + " virtio_blk.poll_queues=1 e2e_scenario=blkpoll"]
+    t0 = time.monotonic()
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=180)
+    e2e_timing("level-2 blkpoll, QEMU TCG", time.monotonic() - t0)
+    out = r.stdout.decode("utf-8", "replace")
+    assert r.returncode == 0, out
+    problem = images.blkpoll_problem(harness.parse_markers(out), disk.read_bytes())
+    assert problem is None, f"{problem}\n{out}"
 
 
 @pytest.fixture(scope="module")
