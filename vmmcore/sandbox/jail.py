@@ -152,15 +152,19 @@ def fork_frozen() -> int:
     reuse those numbers. An object inherited from the parent that owns one of the old
     numbers (a file or socket in a reference cycle, waiting for the collector) would,
     if the child's cyclic GC collected it, close whatever the child opened under that
-    number since. Frozen objects are never collected; the parent unfreezes its own.
+    number since. Frozen objects are never collected. The parent unfreezes them again,
+    unless something had frozen objects before (gc cannot unfreeze only some): then
+    they all stay frozen, as that code wanted its own.
     """
+    thaw = gc.get_freeze_count() == 0
     gc.freeze()
     try:
         pid = os.fork()
     except BaseException:
-        gc.unfreeze()
+        if thaw:
+            gc.unfreeze()
         raise
-    if pid:
+    if pid and thaw:
         gc.unfreeze()
     return pid
 
