@@ -36,6 +36,7 @@ from vmm_virtio_blk import native, pyengine
 from vmm_virtio_blk.protocol import *  # noqa: F403 - re-exported: the tests and tools import from here
 from vmm_virtio_blk.protocol import (
     CONFIG,
+    DEFAULT_POLL_US,
     DEFAULT_QUEUE_SIZE,
     DISCARD_GRANULARITY,
     MAX_DISCARD_SECTORS,
@@ -81,7 +82,7 @@ class VirtioBlock(VirtioDevice):
                  block_size: int = SECTOR_SIZE, serial: bytes | str | None = None,
                  num_queues: int = 1, queue_size: int = DEFAULT_QUEUE_SIZE,
                  sparse: bool = True, io_threads: int = 32, label: str = "virtio_blk",
-                 engine: str = "auto", poll_us: int = 32) -> None:
+                 engine: str = "auto", poll_us: int = DEFAULT_POLL_US) -> None:
         super().__init__()
         if block_size < SECTOR_SIZE or block_size & (block_size - 1):
             raise ValueError(f"block_size {block_size} is not a power of two >= 512")
@@ -384,7 +385,7 @@ def create(options: dict[str, Any], ctx: Any = None) -> VirtioBlock:
                            sparse=bool(options.get("sparse", True)),
                            io_threads=int(options.get("io_threads") or 32),
                            label=str(label), engine=str(options.get("engine") or "auto"),
-                           poll_us=int(options.get("poll_us", 32)))
+                           poll_us=int(options.get("poll_us", DEFAULT_POLL_US)))
     except BaseException:
         disk.close()
         raise

@@ -58,6 +58,8 @@ CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
 assert CONFIG.size == 60
 
 DEFAULT_QUEUE_SIZE = 256
+#: Native engine: most microseconds of adaptive ring polling (QEMU's poll-max-ns default).
+DEFAULT_POLL_US = 32
 #: Largest single data segment the guest may use (SIZE_MAX).
 SIZE_MAX = 1 << 20
 #: DISCARD / WRITE_ZEROES limits: sectors per segment and segments per request.
