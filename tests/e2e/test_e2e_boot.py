@@ -25,27 +25,35 @@ import pytest
 VMM_TIMEOUT = 90.0   # `vmm run` itself (a nested boot to poweroff takes ~10 s); level 1 adds its own
 
 
+def _level2_under_qemu(devices: list[str], params: str, label: str, e2e_timing) -> str:
+    """Boot the level-2 image in QEMU TCG (2 CPUs, 256 MiB) with `devices` and the
+    kernel parameters `params`; return its console once it has exited with status 0."""
+    kernel, initrd = harness.level2_images()
+    argv = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-m", "256", "-smp", "2",
+            "-nographic", "-nodefaults", "-serial", "stdio", "-monitor", "none", "-no-reboot",
+            "-kernel", str(kernel), "-initrd", str(initrd), *devices,
+            "-append", f"{harness.LEVEL2_APPEND} {params}"]
+    t0 = time.monotonic()
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=180)
+    e2e_timing(f"level-2 {label}, QEMU TCG", time.monotonic() - t0)
+    out = r.stdout.decode("utf-8", "replace")
+    assert r.returncode == 0, out
+    return out
+
+
 def test_level2_image_under_qemu(e2e_kernel, e2e_timing, tmp_path):
     """Reference: every level-2 scenario passes against QEMU's own virtio devices (TCG)."""
-    kernel, initrd = harness.level2_images()
     rw, ro = tmp_path / "rw.img", tmp_path / "ro.img"
     rw.write_bytes(b""), ro.write_bytes(b"")
     os.truncate(rw, 64 << 20)
     os.truncate(ro, 32 << 20)
-    argv = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-m", "256", "-smp", "2",
-            "-nographic", "-nodefaults", "-serial", "stdio", "-monitor", "none", "-no-reboot",
-            "-kernel", str(kernel), "-initrd", str(initrd),
-            "-drive", f"file={rw},format=raw,if=virtio",
-            "-drive", f"file={ro},format=raw,if=virtio,readonly=on",
-            "-device", "virtio-rng-pci", "-device", "virtio-gpu-pci",
-            "-device", "virtio-keyboard-pci", "-device", "virtio-mouse-pci",
-            "-append", harness.LEVEL2_APPEND + " e2e_scenario=cpus,blk,rng,gpu,input"]
-    t0 = time.monotonic()
-    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=180)
-    e2e_timing("level-2 all scenarios, QEMU TCG", time.monotonic() - t0)
-    out = r.stdout.decode("utf-8", "replace")
+    out = _level2_under_qemu(
+        ["-drive", f"file={rw},format=raw,if=virtio",
+         "-drive", f"file={ro},format=raw,if=virtio,readonly=on",
+         "-device", "virtio-rng-pci", "-device", "virtio-gpu-pci",
+         "-device", "virtio-keyboard-pci", "-device", "virtio-mouse-pci"],
+        "e2e_scenario=cpus,blk,rng,gpu,input", "all scenarios", e2e_timing)
     m = harness.parse_markers(out)
-    assert r.returncode == 0, out
     for name in ("cpus", "blk", "rng", "gpu", "input"):
         assert m.get(f"scenario-{name}") == "done", out
     assert "scenario-status=1" not in out, out
@@ -62,20 +70,12 @@ def test_level2_image_under_qemu(e2e_kernel, e2e_timing, tmp_path):
 def test_blkpoll_scenario_under_qemu(e2e_kernel, e2e_timing, tmp_path):
     """Reference for test_e2e_devices' blk_poll: QEMU's own virtio-blk with 2 queues, 2
     CPUs and virtio_blk.poll_queues=1 passes the same blkpoll scenario."""
-    kernel, initrd = harness.level2_images()
     disk = tmp_path / "poll.img"
     disk.write_bytes(images.iopoll_image())
-    argv = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-m", "256", "-smp", "2",
-            "-nographic", "-nodefaults", "-serial", "stdio", "-monitor", "none", "-no-reboot",
-            "-kernel", str(kernel), "-initrd", str(initrd),
-            "-drive", f"file={disk},format=raw,if=none,id=d0",
-            "-device", "virtio-blk-pci,drive=d0,num-queues=2",
-            "-append", harness.LEVEL2_APPEND + " virtio_blk.poll_queues=1 e2e_scenario=blkpoll"]
-    t0 = time.monotonic()
-    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=180)
-    e2e_timing("level-2 blkpoll, QEMU TCG", time.monotonic() - t0)
-    out = r.stdout.decode("utf-8", "replace")
-    assert r.returncode == 0, out
+    out = _level2_under_qemu(
+        ["-drive", f"file={disk},format=raw,if=none,id=d0",
+         "-device", "virtio-blk-pci,drive=d0,num-queues=2"],
+        "virtio_blk.poll_queues=1 e2e_scenario=blkpoll", "blkpoll", e2e_timing)
     problem = images.blkpoll_problem(harness.parse_markers(out), disk.read_bytes())
     assert problem is None, f"{problem}\n{out}"
 
