@@ -3,12 +3,14 @@
     python3 -m benchmarks.blk [--size 256M] [--seconds 0.8] [--repeats 5] [--depth 32]
                               [--seq-depth 1] [--modes buffered,direct]
                               [--workloads randread-qd1,randread-qd32,seqread,seqwrite,
+                                           randread-qd1-sleep,seqread-sleep,seqwrite-sleep,
                                            randread-qd1-polled,seqread-polled,seqwrite-polled]
                               [--dir DIR] [--device-options io_threads=8,...]
-                              [--in-process] [--profile WORKLOAD]
+                              [--halt-poll-ns NS] [--in-process] [--profile WORKLOAD]
 
 Four workloads (4 KiB random reads at depth 1 and 32, 1 MiB sequential reads and writes),
-the depth-1 ones also polled, each measured twice in the same run on the same image file:
+the depth-1 ones with three ways for the driver to wait, each measured twice in the same
+run on the same image file:
 
 - device: the virtio_blk plugin's device model, built as `vmm run` builds it (options
   validated by collect_devices from `--device virtio_blk:path=IMG,format=raw[,direct=true]`,
@@ -28,13 +30,25 @@ the depth-1 ones also polled, each measured twice in the same run on the same im
   buffers, at the same queue depth: one thread at depth 1, DEPTH Python threads (one
   request each in flight, closed loop) at depth DEPTH.
 
-The `polled` rows drive the same device the way a Linux guest does on virtio_blk's poll
-queues (module option poll_queues, used by io_uring IOPOLL): the driver turns the queue's
-interrupts off (used_event = 0, as virtqueue_disable_cb does with EVENT_IDX) and spins on
-the used index instead of sleeping on the vector. With the device's adaptive ring polling
-(poll_us, QEMU's poll-max-ns, on by default) neither side sleeps between requests: no
-kick, no interrupt, no wake-up. The driver then keeps a CPU busy while it waits, as a
-polling guest vCPU does; the raw side is the same preadv/pwritev in both rows.
+How the driver waits for a completion (the device is the same in every row; its adaptive
+ring polling, poll_us = QEMU's poll-max-ns, is on by default):
+
+- interrupt-driven (no suffix): interrupts on (used_event = the next entry, EVENT_IDX),
+  and the driver waits for the MSI-X vector's eventfd as a guest vCPU halted in HLT
+  waits for it on KVM: KVM polls for the interrupt for an adaptive window (halt polling,
+  benchmarks.halt_poll, with this host's kvm module parameters: halt_poll_ns, 200 µs by
+  default) before the vCPU thread sleeps. The device raises an interrupt for every
+  completion; the driver takes every one.
+- `sleep`: the same, without halt polling (halt_poll_ns=0): every wait is a scheduler
+  wake-up of the driver's thread, what a guest sees where the host disables halt polling.
+- `polled`: as a Linux guest on virtio_blk's poll queues (module option poll_queues, used
+  by io_uring IOPOLL): the driver turns the queue's interrupts off (used_event = 0, as
+  virtqueue_disable_cb does with EVENT_IDX) and spins on the used index. No kick, no
+  interrupt, no wake-up; the driver keeps a CPU busy while it waits.
+
+Every device row reports kicks, interrupts and driver sleeps per request, so which
+wake-ups a row paid for is printed, not assumed. The raw side is the same preadv/pwritev
+in every row.
 
 Modes: `buffered` (page cache on both sides: the file was just written, so a read is a
 memcpy and the raw side is the fastest possible reference) and `direct` (O_DIRECT on both
@@ -62,6 +76,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import dataclasses
 import io
 import mmap
 import os
@@ -74,12 +89,12 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `vmmcore` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.halt_poll import HaltPoll, HaltPollParams  # noqa: E402
 from vmmcore.errors import VmmError  # noqa: E402
 from vmmcore.virtio.queue import vring_need_event  # noqa: E402
 
@@ -101,20 +116,27 @@ WAIT_TIMEOUT = 10.0               # a request not completed by then is a hang
 _CONTROL_FDS: list[int] = []
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Workload:
     name: str
     bs: int
     depth: int
     write: bool
     random: bool
-    polled: bool = False          # the driver polls the used ring, interrupts off
+    #: how the driver waits for completions: "irq" (interrupts on; waits as a KVM vCPU
+    #: in HLT does, halt polling then sleep), "sleep" (interrupts on, no halt polling:
+    #: every wait is a scheduler wake-up) or "polled" (interrupts off, spins on the ring)
+    wait: str = "irq"
+
+    @property
+    def polled(self) -> bool:
+        return self.wait == "polled"
 
     @property
     def label(self) -> str:
         kind = ("rand" if self.random else "seq") + ("write" if self.write else "read")
         size = f"{self.bs // KiB}K" if self.bs < MiB else f"{self.bs // MiB}M"
-        return f"{kind} {size} QD{self.depth}" + (" polled" if self.polled else "")
+        return f"{kind} {size} QD{self.depth}" + ("" if self.wait == "irq" else f" {self.wait}")
 
     @property
     def iops(self) -> bool:
@@ -127,9 +149,15 @@ def workloads(depth: int, seq_depth: int) -> dict[str, Workload]:
         "randread-qd32": Workload("randread-qd32", 4 * KiB, depth, False, True),
         "seqread": Workload("seqread", 1 * MiB, seq_depth, False, False),
         "seqwrite": Workload("seqwrite", 1 * MiB, seq_depth, True, False),
-        "randread-qd1-polled": Workload("randread-qd1-polled", 4 * KiB, 1, False, True, True),
-        "seqread-polled": Workload("seqread-polled", 1 * MiB, seq_depth, False, False, True),
-        "seqwrite-polled": Workload("seqwrite-polled", 1 * MiB, seq_depth, True, False, True),
+        "randread-qd1-sleep": Workload("randread-qd1-sleep", 4 * KiB, 1, False, True, "sleep"),
+        "seqread-sleep": Workload("seqread-sleep", 1 * MiB, seq_depth, False, False, "sleep"),
+        "seqwrite-sleep": Workload("seqwrite-sleep", 1 * MiB, seq_depth, True, False, "sleep"),
+        "randread-qd1-polled": Workload("randread-qd1-polled", 4 * KiB, 1, False, True,
+                                        "polled"),
+        "seqread-polled": Workload("seqread-polled", 1 * MiB, seq_depth, False, False,
+                                   "polled"),
+        "seqwrite-polled": Workload("seqwrite-polled", 1 * MiB, seq_depth, True, False,
+                                    "polled"),
     }
 
 
@@ -142,12 +170,15 @@ def target_for(wl: Workload, depth: int) -> float | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Result:
     ops: int
     seconds: float
     cpu: float                    # CPU seconds: raw = this process; device = its process
     driver_cpu: float = 0.0       # device side: the Python driver's CPU seconds (this process)
+    kicks: int = 0                # device side: queue notifications the driver sent
+    irqs: int = 0                 # device side: interrupts the device raised (vector signals)
+    sleeps: int = 0               # device side: waits in which the driver went to sleep
 
     @property
     def rate(self) -> float:
@@ -250,7 +281,7 @@ class DeviceSide:
 
     def __init__(self, path: Path, direct: bool, max_depth: int, max_bs: int,
                  in_process: bool, profile_out: Path | None = None,
-                 extra_options: str = "") -> None:
+                 extra_options: str = "", halt_params: HaltPollParams | None = None) -> None:
         from vmmcore.device_options import DeviceArgs, collect_devices
         from vmmcore.plugin_api import DeviceContext, load_factory
         from vmmcore.registry import get_registry
@@ -275,6 +306,7 @@ class DeviceSide:
         self.features = self.device.features()    # a driver acks what it knows: all of it
         self.pid = os.getpid()
         self.in_process = in_process
+        self.halt_params = halt_params or HaltPollParams()
         self._ctl = -1
         if in_process:
             self._profiled = _profile_device(self.device) if profile_out else None
@@ -360,6 +392,8 @@ class DeviceSide:
         written: list[int] = []
         poller = select.poll()
         poller.register(self.vector.fileno(), select.POLLIN)
+        # a halted vCPU: KVM's halt polling, or none for the "sleep" rows
+        halt = HaltPoll(self.halt_params if wl.wait == "irq" else HaltPollParams(max_ns=0))
         added = 0
 
         def submit(slot: int) -> None:
@@ -374,15 +408,15 @@ class DeviceSide:
             added += 1
 
         def kick() -> None:                            # virtqueue_kick_prepare + notify
-            nonlocal added
+            nonlocal added, kicks
             new = d.avail_idx
             old = (new - added) & 0xFFFF
             added = 0
             if vring_need_event(u16[avail_event_i], new, old):
                 kick_evt.write(1)
-                d.kicks += 1
+                kicks += 1
 
-        ops = 0
+        ops = kicks = irqs = 0
         cpu0, dcpu0 = self_cpu(), self.cpu()
         t0 = time.perf_counter()
         deadline = t0 + seconds
@@ -438,20 +472,21 @@ class DeviceSide:
                 u16[used_event_i] = d.last_used        # interrupt me at the next one
                 if u16[used_idx_i] != d.last_used:
                     continue                           # completed while re-arming
-                if not poller.poll(WAIT_TIMEOUT * 1000):
+                if not halt.wait(poller, WAIT_TIMEOUT):
                     sys.exit(f"benchmarks.blk: {inflight} device request(s) not completed "
                              f"in {WAIT_TIMEOUT:g} s")
-                self.vector.read()
+                irqs += self.vector.read()
         finally:
             u16.release()
             view.release()
         elapsed = time.perf_counter() - t0
-        if poller.poll(0):             # a polled run's wrap-around signal, if any
-            self.vector.read()
+        if poller.poll(0):             # the last completions' signal, if nobody waited for it
+            irqs += self.vector.read()
         driver_cpu = self_cpu() - cpu0
+        counts = {"kicks": kicks, "irqs": irqs, "sleeps": halt.sleeps}
         if self.in_process:         # one process: device and driver CPU cannot be told apart
-            return Result(ops, elapsed, driver_cpu, 0.0), written
-        return Result(ops, elapsed, self.cpu() - dcpu0, driver_cpu), written
+            return Result(ops, elapsed, driver_cpu, 0.0, **counts), written
+        return Result(ops, elapsed, self.cpu() - dcpu0, driver_cpu, **counts), written
 
     def close(self) -> None:
         if self.in_process:
@@ -633,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true",
                         help="run the device in this process (it then shares the GIL with "
                              "the Python driver) instead of a forked device process")
+    parser.add_argument("--halt-poll-ns", type=int, metavar="NS",
+                        help="the interrupt-driven driver's halt_poll_ns (default: this "
+                             "host's kvm module parameter, else KVM's 200000)")
     parser.add_argument("--profile", metavar="WORKLOAD",
                         help="only that workload (first mode), device side, with cProfile "
                              "on the device's threads; prints the top functions")
@@ -640,6 +678,12 @@ def main(argv: list[str] | None = None) -> int:
     size = parse_size(args.size)
     if size < 4 * MiB or size % MiB:
         parser.error("--size must be a whole number of MiB, at least 4M")
+    halt_params, halt_from = HaltPollParams.from_host()
+    if args.halt_poll_ns is not None:
+        if args.halt_poll_ns < 0:
+            parser.error("--halt-poll-ns must be 0 or more")
+        halt_params = dataclasses.replace(halt_params, max_ns=args.halt_poll_ns)
+        halt_from = "--halt-poll-ns"
     if args.seconds <= 0 or args.repeats < 1:
         parser.error("--seconds must be positive and --repeats at least 1")
     if not (1 <= args.depth <= QUEUE_SIZE // 3 and 1 <= args.seq_depth <= QUEUE_SIZE // 3):
@@ -676,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes[:1] if args.profile else modes:
                 devices[mode] = DeviceSide(path, mode == "direct", max_depth, max_bs,
                                            args.in_process, profile_out,
-                                           args.device_options)
+                                           args.device_options, halt_params)
                 raws[mode] = RawSide(path, mode == "direct", max_depth, max_bs)
         except (VmmError, OSError, ValueError) as e:
             print(f"benchmarks.blk: {e}", file=sys.stderr)
@@ -717,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((wl, mode, median_result(rres), median_result(dres)))
                 print(f"  measured {wl.label:<18} {mode}", file=sys.stderr)
         print()
-        print_table(rows, args.depth, args.in_process)
+        print_table(rows, args.depth, args.in_process, halt_params, halt_from)
     finally:
         for side in (*devices.values(), *raws.values()):
             side.close()
@@ -725,10 +769,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_table(rows, depth: int, in_process: bool) -> None:
+def per_request(r: Result) -> str:
+    """Kicks, interrupts and driver sleeps per request: which wake-ups the row paid for."""
+    if not r.ops:
+        return "-"
+    return f"{r.kicks / r.ops:.2f}/{r.irqs / r.ops:.2f}/{r.sleeps / r.ops:.2f}"
+
+
+def print_table(rows, depth: int, in_process: bool, halt_params: HaltPollParams,
+                halt_from: str) -> None:
     header = (f"{'workload':<22} {'mode':<8} {'raw':>15} {'device':>15} {'ratio':>6}  "
               f"{'target':<15}  {'CPU us/req: raw':>15} {'device':>6} {'driver':>6}  "
-              "baseline (raw side)")
+              f"{'kick/irq/sleep':>14}  baseline (raw side)")
     print(header)
     print("-" * (len(header) + 12))
     for wl, mode, raw, dev in rows:
@@ -739,14 +791,21 @@ def print_table(rows, depth: int, in_process: bool) -> None:
         driver = "-" if in_process else f"{dev.driver_us_per_op:.1f}"
         print(f"{wl.label:<22} {mode:<8} {fmt_rate(wl, raw):>15} {fmt_rate(wl, dev):>15} "
               f"{ratio:>6.2f}  {verdict:<15}  {raw.cpu_us_per_op:>15.1f} "
-              f"{dev.cpu_us_per_op:>6.1f} {driver:>6}  {baseline_name(wl, mode)}")
+              f"{dev.cpu_us_per_op:>6.1f} {driver:>6}  {per_request(dev):>14}  "
+              f"{baseline_name(wl, mode)}")
     print()
     print("ratio = device / raw, medians. Targets (issue 5): >= 0.50 of the raw IOPS at QD32 "
           "and >= 0.90 of the raw\nsequential MiB/s. buffered = page cache on both sides (a "
           "read is a memcpy); direct = O_DIRECT on both.\nCPU us/req (clock-tick resolution): "
           "raw = this process; device = the device process"
           + (" and the driver (one process)" if in_process else
-             "; driver = the Python\ntier-1 driver in this process") + ".")
+             "; driver = the Python\ntier-1 driver in this process") + ".\n"
+          "kick/irq/sleep = per device request: queue kicks sent, interrupts raised, driver "
+          "waits that slept.\nInterrupt-driven rows wait as a halted KVM vCPU does: halt "
+          f"polling up to halt_poll_ns={halt_params.max_ns} (grow x{halt_params.grow}\nfrom "
+          f"{halt_params.grow_start}, shrink /{halt_params.shrink}: {halt_from}), then sleep. "
+          "`sleep` rows never poll (halt_poll_ns=0).\n`polled` rows turn interrupts off and "
+          "spin on the used ring (virtio_blk poll queues).")
 
 
 def run_profile(devices, wl: Workload, size: int, args, profile_out: Path) -> int:
