@@ -37,7 +37,8 @@ ring polling, poll_us = QEMU's poll-max-ns, is on by default):
   and the driver waits for the MSI-X vector's eventfd as a guest vCPU halted in HLT
   waits for it on KVM: KVM polls for the interrupt for an adaptive window (halt polling,
   benchmarks.halt_poll, with this host's kvm module parameters: halt_poll_ns, 200 µs by
-  default) before the vCPU thread sleeps. The device raises an interrupt for every
+  default; polling stops early when other tasks wait for a CPU, as KVM's does) before
+  the vCPU thread sleeps. The device raises an interrupt for every
   completion; the driver takes every one.
 - `sleep`: the same, without halt polling (halt_poll_ns=0): every wait is a scheduler
   wake-up of the driver's thread, what a guest sees where the host disables halt polling.
@@ -94,7 +95,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `vmmcore` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.halt_poll import HaltPoll, HaltPollParams  # noqa: E402
+from benchmarks.halt_poll import HaltPoll, HaltPollParams, RunnableTasks  # noqa: E402
 from vmmcore.errors import VmmError  # noqa: E402
 from vmmcore.virtio.queue import vring_need_event  # noqa: E402
 
@@ -307,6 +308,7 @@ class DeviceSide:
         self.pid = os.getpid()
         self.in_process = in_process
         self.halt_params = halt_params or HaltPollParams()
+        self.runnable = RunnableTasks()
         self._ctl = -1
         if in_process:
             self._profiled = _profile_device(self.device) if profile_out else None
@@ -393,32 +395,38 @@ class DeviceSide:
         poller = select.poll()
         poller.register(self.vector.fileno(), select.POLLIN)
         # a halted vCPU: KVM's halt polling, or none for the "sleep" rows
-        halt = HaltPoll(self.halt_params if wl.wait == "irq" else HaltPollParams(max_ns=0))
-        added = 0
+        halt = HaltPoll(self.halt_params if wl.wait == "irq" else HaltPollParams(max_ns=0),
+                        self.runnable)
+        # The ring state lives in locals while the loop runs (attribute accesses are a
+        # noticeable part of a Python driver's ~2 µs per request); the driver object gets
+        # it back at the end.
+        added, avail_idx, last_used = 0, d.avail_idx, d.last_used
+        next_offset, perf_counter = offsets.next, time.perf_counter
+        polled, write = wl.polled, wl.write
+        read_vector, signal_kick = self.vector.read, kick_evt.write
 
         def submit(slot: int) -> None:
-            nonlocal added
-            off = offsets.next()
+            nonlocal added, avail_idx
+            off = next_offset()
             where[slot] = off
             pack_hdr(view, hdr[slot], rtype, 0, off >> 9)
             view[status[slot]] = 0xFF
-            u16[avail_ring_i + d.avail_idx % size] = 3 * slot
-            d.avail_idx = (d.avail_idx + 1) & 0xFFFF
-            u16[avail_idx_i] = d.avail_idx              # publish (x86: stores in order)
+            u16[avail_ring_i + avail_idx % size] = 3 * slot
+            avail_idx = (avail_idx + 1) & 0xFFFF
+            u16[avail_idx_i] = avail_idx                # publish (x86: stores in order)
             added += 1
 
         def kick() -> None:                            # virtqueue_kick_prepare + notify
             nonlocal added, kicks
-            new = d.avail_idx
-            old = (new - added) & 0xFFFF
+            old = (avail_idx - added) & 0xFFFF
             added = 0
-            if vring_need_event(u16[avail_event_i], new, old):
-                kick_evt.write(1)
+            if vring_need_event(u16[avail_event_i], avail_idx, old):
+                signal_kick(1)
                 kicks += 1
 
         ops = kicks = irqs = 0
         cpu0, dcpu0 = self_cpu(), self.cpu()
-        t0 = time.perf_counter()
+        t0 = perf_counter()
         deadline = t0 + seconds
         for slot in range(wl.depth):
             submit(slot)
@@ -426,26 +434,26 @@ class DeviceSide:
         # EVENT_IDX (used_event = 0, "a hack" in its own words: signal only when the used
         # index crosses 0); its poll queues are created without a callback, so this is how
         # io_uring IOPOLL requests run on them. The vector's eventfd is drained at the end.
-        u16[used_event_i] = 0 if wl.polled else d.last_used
+        u16[used_event_i] = 0 if polled else last_used
         kick()
         inflight = wl.depth
         stopping = False
         try:
             while inflight:
-                got = 0
                 used_idx = u16[used_idx_i]
-                if (used_idx - d.last_used) & 0xFFFF > inflight:
+                if (used_idx - last_used) & 0xFFFF > inflight:
                     sys.exit(f"benchmarks.blk: used idx {used_idx} is more than {inflight} "
-                             f"ahead of {d.last_used}")
-                while d.last_used != used_idx:
+                             f"ahead of {last_used}")
+                got = used_idx != last_used
+                while last_used != used_idx:
                     head, _length = USED_ELEM.unpack_from(view,
-                                                          used_ring + 8 * (d.last_used % size))
-                    d.last_used = (d.last_used + 1) & 0xFFFF
+                                                          used_ring + 8 * (last_used % size))
+                    last_used = (last_used + 1) & 0xFFFF
                     slot = head // 3
                     if view[status[slot]] != 0:
                         sys.exit(f"benchmarks.blk: device request at {where[slot]} got "
                                  f"status {view[status[slot]]}")
-                    if not wl.write:
+                    if not write:
                         tag = read_tag(view, data[slot])[0]
                         if tag != where[slot] // BLOCK:
                             sys.exit(f"benchmarks.blk: device read at {where[slot]} returned "
@@ -453,33 +461,33 @@ class DeviceSide:
                     elif len(written) < 64:
                         written.append(where[slot])
                     ops += 1
-                    got += 1
                     inflight -= 1
                     if not stopping:
-                        if time.perf_counter() >= deadline:
+                        if perf_counter() >= deadline:
                             stopping = True
                         else:
                             submit(slot)
                             inflight += 1
+                if polled:
+                    if got:
+                        kick()
+                    elif inflight:
+                        spin_until_used(u16, used_idx_i, last_used, inflight)
+                    continue
+                u16[used_event_i] = last_used          # interrupt me at the next one
                 if got:
-                    if not wl.polled:
-                        u16[used_event_i] = d.last_used    # interrupt me at the next one
                     kick()
-                    continue
-                if wl.polled:
-                    spin_until_used(u16, used_idx_i, d.last_used, inflight)
-                    continue
-                u16[used_event_i] = d.last_used        # interrupt me at the next one
-                if u16[used_idx_i] != d.last_used:
-                    continue                           # completed while re-arming
+                if not inflight or u16[used_idx_i] != last_used:
+                    continue                           # done, or completed while re-arming
                 if not halt.wait(poller, WAIT_TIMEOUT):
                     sys.exit(f"benchmarks.blk: {inflight} device request(s) not completed "
                              f"in {WAIT_TIMEOUT:g} s")
-                irqs += self.vector.read()
+                irqs += read_vector()
         finally:
+            d.avail_idx, d.last_used = avail_idx, last_used
             u16.release()
             view.release()
-        elapsed = time.perf_counter() - t0
+        elapsed = perf_counter() - t0
         if poller.poll(0):             # the last completions' signal, if nobody waited for it
             irqs += self.vector.read()
         driver_cpu = self_cpu() - cpu0
@@ -489,6 +497,7 @@ class DeviceSide:
         return Result(ops, elapsed, self.cpu() - dcpu0, driver_cpu, **counts), written
 
     def close(self) -> None:
+        self.runnable.close()
         if self.in_process:
             self.harness.close()
             if self._profiled is not None and self.profile_out is not None:

@@ -100,3 +100,34 @@ def test_parameters_come_from_the_kvm_module_or_kvm_defaults(tmp_path):
     hp.window_ns = 45000
     hp._adapt(60000)                              # shrink 0: straight to no polling
     assert hp.window_ns == 0
+
+
+def test_polling_stops_when_another_task_wants_the_cpu():
+    fd, poller = _eventfd_poller()
+    try:
+        asked = []
+        hp = HaltPoll(PARAMS, contended=lambda: asked.append(1) or True)
+        hp.window_ns = 10**9                        # would poll for a second
+        timer = threading.Timer(0.05, os.eventfd_write, (fd, 1))
+        timer.start()
+        assert hp.wait(poller, 5.0)
+        timer.join()
+        assert (hp.sleeps, hp.polled_wakeups, len(asked)) == (1, 0, 1)   # 8 spins, one look
+    finally:
+        os.close(fd)
+
+
+def test_runnable_tasks_reads_nr_running_against_the_cpus(tmp_path):
+    from benchmarks.halt_poll import RunnableTasks
+
+    loadavg = tmp_path / "loadavg"
+    rt = RunnableTasks(str(loadavg))                  # absent: never contended
+    assert not rt()
+    cpus = len(os.sched_getaffinity(0))
+    loadavg.write_text(f"0.10 0.20 0.30 {cpus}/300 4242\n")
+    rt = RunnableTasks(str(loadavg))
+    assert not rt()
+    loadavg.write_text(f"0.10 0.20 0.30 {cpus + 1}/300 4242\n")
+    assert rt()
+    rt.close()
+    assert RunnableTasks()() in (True, False)          # the real /proc/loadavg parses

@@ -4,6 +4,7 @@
     vmm suspend PATH / vmm resume PATH    hold / release every vCPU
     vmm powerbtn PATH                     press the ACPI power button
     vmm status PATH [--json]              vCPUs, devices and their state, uptime
+    vmm kvm_stats PATH [PREFIX...] [--json]   KVM's statistics for the VM and each vCPU
     vmm balloon PATH SIZE                 set the virtio-balloon target (bytes, K/M/G)
     vmm balloon_stats PATH                the guest's memory statistics from the balloon
     vmm disk resize PATH DISK_INDEX NEW_SIZE
@@ -114,6 +115,51 @@ def status(path: str, as_json: bool) -> None:
         click.echo(format_status(response))
 
 
+def format_kvm_stats(s: dict) -> str:
+    """One line per statistic: its name, the VM's or each vCPU's value, its unit.
+    A histogram shows its number of samples (the buckets are in --json)."""
+    vcpus = s.get("vcpus", [])
+    units = s.get("units", {})
+
+    def line(name: str, values: list) -> str:
+        hist = any(isinstance(v, list) for v in values)
+        cells = " ".join(f"{_stat_value(v):>14}" for v in values)
+        unit = "samples" if hist else units.get(name, "")
+        return f"  {name:<32} {cells} {unit}".rstrip()
+
+    vm = s.get("vm", {})
+    lines = [f"{'vm ' + str(vm.get('id', '?')):<34} {'value':>14}"]
+    lines += [line(name, [value]) for name, value in vm.get("stats", {}).items()]
+    if vcpus:
+        lines.append(f"{'vcpu':<34} " + " ".join(f"{'vcpu' + str(v.get('id')):>14}"
+                                                   for v in vcpus))
+        for name in vcpus[0].get("stats", {}):
+            lines.append(line(name, [v.get("stats", {}).get(name) for v in vcpus]))
+    return "\n".join(lines)
+
+
+def _stat_value(value) -> str:
+    if isinstance(value, list):            # a histogram: how many samples it holds
+        return str(sum(value))
+    return "-" if value is None else str(value)
+
+
+@click.command("kvm_stats")
+@_path_arg
+@click.argument("prefixes", nargs=-1, metavar="[PREFIX]...")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def kvm_stats(path: str, prefixes: tuple[str, ...], as_json: bool) -> None:
+    """KVM's statistics (KVM_GET_STATS_FD) for the VM and each vCPU; only names that
+    start with a PREFIX when any are given (e.g. `halt_` for halts and halt polling)."""
+    response = _call(path, "kvm_stats", {"names": list(prefixes)})
+    response.pop("ok", None)
+    response.pop("version", None)
+    if as_json:
+        click.echo(json.dumps(response, indent=2, sort_keys=True))
+    else:
+        click.echo(format_kvm_stats(response))
+
+
 @click.command()
 @_path_arg
 @click.argument("size")
@@ -183,4 +229,5 @@ def device(path: str, device: str, command: str, args_json: str) -> None:
 
 
 #: What vmmcore.cli adds to the `vmm` group.
-COMMANDS = [stop, suspend, resume, powerbtn, status, balloon, balloon_stats, disk, gpu, device]
+COMMANDS = [stop, suspend, resume, powerbtn, status, kvm_stats, balloon, balloon_stats, disk,
+            gpu, device]

@@ -1,7 +1,7 @@
 """The VM control socket (crosvm's ``-s/--socket``): a versioned JSON protocol over a
 unix stream socket, the server that `vmm run --socket PATH` runs beside the VM, and the
-client that `vmm stop/suspend/resume/powerbtn/status/balloon/disk resize/gpu screenshot`
-use. docs/control.md is the user-facing description; this docstring is the contract.
+client that `vmm stop/suspend/resume/powerbtn/status/kvm_stats/balloon/disk resize/gpu
+screenshot` use. docs/control.md is the user-facing description; this docstring is the contract.
 
 Protocol (version 1)
 --------------------
@@ -16,9 +16,9 @@ number of requests; each gets exactly one response line, in order.
 ``args`` may be omitted (= {}); ``id`` (a string or an integer) is echoed back when given.
 A request whose version is not 1 is refused with an error naming the versions spoken.
 
-Commands: stop, suspend, resume, powerbtn, status, balloon {size}, balloon_stats,
-disk_resize {index, size}, gpu_screenshot {path, index?}, device {device | kind+index,
-command, args?}. See COMMANDS and docs/control.md for their fields.
+Commands: stop, suspend, resume, powerbtn, status, kvm_stats {names?}, balloon {size},
+balloon_stats, disk_resize {index, size}, gpu_screenshot {path, index?}, device {device |
+kind+index, command, args?}. See COMMANDS and docs/control.md for their fields.
 
 Limits (the VMM survives anything sent to the socket): a request line is at most
 MAX_REQUEST bytes, must be complete within REQUEST_TIMEOUT seconds of its first byte
@@ -76,7 +76,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmmcore.errors import ConfigError, VmmError
+from vmmcore.errors import ConfigError, KvmError, VmmError
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +347,7 @@ class ControlServer:
             "disk_resize": self._disk_resize,
             "gpu_screenshot": self._gpu_screenshot,
             "device": self._device,
+            "kvm_stats": self._kvm_stats,
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -675,6 +676,20 @@ class ControlServer:
         with self._exclusive():
             result = device_control(dev, command, dev_args)
         return {"device": dev.label, "result": result}
+
+
+    def _kvm_stats(self, args: dict) -> dict:
+        """KVM's own statistics for the VM and every vCPU (QEMU's query-stats)."""
+        from vmmcore.kvm.stats import snapshot  # the KVM bindings: server side only
+
+        inst = self._require_vm()
+        names = args.get("names", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise ControlError("'names' must be a list of non-empty strings (name prefixes)")
+        try:
+            return snapshot(inst.vm, [loop.vcpu for loop in inst.loops], tuple(names))
+        except KvmError as e:
+            raise ControlError(f"KVM statistics: {e}") from None
 
 
 def _write_atomically(path: str, data: bytes) -> None:

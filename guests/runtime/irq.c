@@ -6,6 +6,7 @@
 #include "irq.h"
 
 volatile u32 irq_counts[256];
+volatile u32 irq_halts;
 
 /*
  * Handlers.  A device/timer handler saves the one register it uses, counts the
@@ -157,6 +158,7 @@ int irq_wait_vector(u8 vector, u32 seen, unsigned timeout_ms)
 			/* KVM's LAPIC timer runs at 1 GHz (divide by 1): 10 ms = 10^7 counts */
 			lapic_write(LAPIC_REG_TIMER_INIT, tick_ms * 1000000u);
 			/* sti's one-instruction shadow: nothing is delivered before hlt starts */
+			irq_halts++;
 			__asm__ volatile("sti; hlt; cli" ::: "memory");
 		} else {
 			sti();

@@ -36,6 +36,9 @@
 
 /* Per-vector interrupt counts, incremented (lock incl) by the handlers. */
 extern volatile u32 irq_counts[256];
+/* HLT instructions irq_wait_vector() executed: each is a halt the host's KVM counts
+ * (its halt_exits statistic), so a test can compare the two. */
+extern volatile u32 irq_halts;
 
 /*
  * Loads the IDT, software-enables the LAPIC (SVR |= 0x100, spurious vector 0xff), sets

@@ -55,7 +55,10 @@
  * hole, on a host file system that can punch holes); the virtio spec does not promise
  * any particular data after DISCARD, so 39 tests this VMM, not the spec.
  * ZPATTERN: byte i of sector s is (s * 17 + i * 5 + 0x5a) & 0xff (never a zero sector).
- * Command line: `nomsix=1` polls instead of waiting for interrupts.
+ * Command line: `nomsix=1` polls instead of waiting for interrupts; `reads=N` reads
+ * sector 0 N more times before the summary ("virtio-blk: N more reads, H halts": H is how
+ * many HLTs the waits executed); `hold=1` prints "holding" after "virtio-blk: OK" and then
+ * reads port 0x80 forever instead of exiting, so a test can look at the running VM.
  */
 #include "irq.h"
 #include "runtime.h"
@@ -330,6 +333,28 @@ static void print_hex(const char *label, const u8 *buf, unsigned n)
 	printf("%s: %s\n", label, line);
 }
 
+/* reads=N: N more reads of sector 0, each waiting for its interrupt (in HLT, counted in
+ * irq_halts), then "virtio-blk: N more reads, H halts". */
+static int more_reads(struct virtio_dev *d, const char *cmdline)
+{
+	char arg[12];
+	u64 reads;
+	if (!cmdline_get(cmdline, "reads", arg, sizeof(arg)) || !parse_u64(arg, &reads))
+		return 0;
+	u32 halts = irq_halts;
+	for (u64 i = 0; i < reads; i++) {
+		int rc = blk_request(d, VIRTIO_BLK_T_IN, 0, 1, 1);
+		if (rc < 0)
+			return -rc;
+		if (rc) {
+			printf("virtio-blk: read of sector 0: status %d\n", rc);
+			return 22;
+		}
+	}
+	printf("virtio-blk: %lu more reads, %u halts\n", reads, irq_halts - halts);
+	return 0;
+}
+
 int main(const void *bp)
 {
 	char arg[8];
@@ -425,6 +450,9 @@ int main(const void *bp)
 	rc = test_discard(&d, capacity);
 	if (rc)
 		return rc;
+	rc = more_reads(&d, boot_cmdline(bp));
+	if (rc)
+		return rc;
 	printf("virtio-blk: %d request(s) signalled by MSI-X, %d seen by polling\n", irqs, polled);
 	if (irqs)
 		puts("msix interrupt received");
@@ -434,5 +462,10 @@ int main(const void *bp)
 	}
 	virtio_reset(&d);
 	puts("virtio-blk: OK");
+	if (cmdline_get(boot_cmdline(bp), "hold", arg, sizeof(arg)) && arg[0] == '1') {
+		puts("holding");
+		for (;;)
+			inb(0x80);
+	}
 	return 0;
 }

@@ -12,6 +12,7 @@ import mmap
 import os
 from collections.abc import Iterable, Mapping
 
+from vmmcore.kvm.stats import KvmStats, StatsSlot
 from vmmcore.kvm.sys import check, ffi, ioctl_ptr, lib
 
 
@@ -24,6 +25,7 @@ class Vcpu:
         self._run_map = mmap.mmap(fd, mmap_size, flags=mmap.MAP_SHARED,
                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_view = memoryview(self._run_map)
+        self._stats = StatsSlot(lambda: KvmStats(fd, f"vCPU {vcpu_id}"))
 
     # -- general registers --------------------------------------------------------
 
@@ -139,7 +141,12 @@ class Vcpu:
         """Make the next (or current, once kicked) KVM_RUN return EINTR at once."""
         self.run_view[lib.VMM_RUN_IMMEDIATE_EXIT] = int(value)
 
+    def stats(self) -> KvmStats:
+        """KVM's statistics for this vCPU (opened on first use, closed with the vCPU)."""
+        return self._stats.get()
+
     def close(self) -> None:
+        self._stats.close()
         self.run_view.release()
         self._run_map.close()
         os.close(self.fd)

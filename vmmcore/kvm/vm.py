@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vmmcore.eventfd import EventFd
+from vmmcore.kvm.stats import KvmStats, StatsSlot
 from vmmcore.kvm.sys import check, ffi, ioctl_ptr, ioctl_val, lib
 from vmmcore.kvm.vcpu import Vcpu
 
@@ -50,6 +51,7 @@ class Vm:
         self.fd = fd
         self.vcpu_mmap_size = vcpu_mmap_size
         self._next_slot = 0
+        self._stats = StatsSlot(lambda: KvmStats(self.fd, "VM"))
 
     # -- memory --------------------------------------------------------------------
 
@@ -163,7 +165,12 @@ class Vm:
         fd = ioctl_val(self.fd, lib.KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU {vcpu_id}")
         return Vcpu(vcpu_id, fd, self.vcpu_mmap_size)
 
+    def stats(self) -> KvmStats:
+        """KVM's statistics for this VM (opened on first use, closed with the VM)."""
+        return self._stats.get()
+
     def close(self) -> None:
+        self._stats.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
