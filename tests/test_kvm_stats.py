@@ -34,6 +34,21 @@ HALT_POLL_NS = Path("/sys/module/kvm/parameters/halt_poll_ns")
 READS = 1000                      # the guest's extra reads, each waiting in HLT
 
 
+KVM_CAP_BINARY_STATS_FD = 203
+
+
+@pytest.fixture(autouse=True)
+def binary_stats():
+    from vmmcore.kvm import Kvm
+
+    kvm = Kvm()
+    try:
+        if not kvm.check_extension(KVM_CAP_BINARY_STATS_FD):
+            pytest.skip("this kernel's KVM has no binary statistics (Linux 5.14+)")
+    finally:
+        kvm.close()
+
+
 @pytest.fixture
 def vm_and_vcpu():
     from vmmcore.kvm import Kvm
@@ -92,6 +107,13 @@ def vmm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def reap(proc: subprocess.Popen) -> None:
+    """However the test ended, the VMM process is gone afterwards."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
 def test_a_blk_guest_s_halts_and_their_halt_polling_show_in_kvm_stats(tmp_path):
     from vmmcore.registry import get_registry
 
@@ -131,11 +153,15 @@ def test_a_blk_guest_s_halts_and_their_halt_polling_show_in_kvm_stats(tmp_path):
         assert stats["units"]["halt_wait_ns"] == "ns"
         # every HLT the guest executed is one KVM counted (plus any from before the reads)
         assert s["halt_exits"] >= guest_halts > 0, (s, guest_halts)
-        assert s["halt_successful_poll"] <= s["halt_attempted_poll"] <= s["halt_exits"], s
+        assert s["halt_successful_poll"] <= s["halt_attempted_poll"], s
         poll_ns = int(HALT_POLL_NS.read_text()) if HALT_POLL_NS.exists() else 0
         if poll_ns:
-            # the halts that waited for a completion were polled for: KVM's halt polling
-            # is on for this VMM's guests (nothing here turns it off)
+            # The guest halts only in irq_wait_vector (waiting for the device; the LAPIC
+            # timer there is a 10 ms safety net) and in the final cli;hlt, which is still
+            # in progress. So the polls counted here were for virtio-blk completions:
+            # KVM's halt polling is on for this VMM's guests (nothing here turns it off).
+            # It starts after the first blocking halt shorter than halt_poll_ns; with
+            # 1000 reads there are dozens of those.
             assert s["halt_attempted_poll"] > 0, s
 
         table = vmm("kvm_stats", str(sock), "halt_exits")
@@ -146,9 +172,7 @@ def test_a_blk_guest_s_halts_and_their_halt_polling_show_in_kvm_stats(tmp_path):
         assert vmm("stop", str(sock)).returncode == 0
         assert proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+        reap(proc)
         for f in sockdir.iterdir():
             f.unlink()
         sockdir.rmdir()

@@ -58,7 +58,8 @@
  * Command line: `nomsix=1` polls instead of waiting for interrupts; `reads=N` reads
  * sector 0 N more times before the summary ("virtio-blk: N more reads, H halts": H is how
  * many HLTs the waits executed); `hold=1` prints "holding" after "virtio-blk: OK" and then
- * reads port 0x80 forever instead of exiting, so a test can look at the running VM.
+ * halts with interrupts off instead of exiting, so a test can look at a running VM whose
+ * vCPU sits in HLT inside KVM.
  */
 #include "irq.h"
 #include "runtime.h"
@@ -465,7 +466,7 @@ int main(const void *bp)
 	if (cmdline_get(boot_cmdline(bp), "hold", arg, sizeof(arg)) && arg[0] == '1') {
 		puts("holding");
 		for (;;)
-			inb(0x80);
+			__asm__ volatile("cli; hlt" ::: "memory");	/* halted for good */
 	}
 	return 0;
 }

@@ -134,28 +134,35 @@ class KvmStats:
 
 
 class StatsSlot:
-    """A Vm's or Vcpu's KvmStats, opened on first use by whichever thread asks first (the
-    control socket's), closed with its owner; a read after that fails cleanly."""
+    """A Vm's or Vcpu's KvmStats, opened when its owner is created and closed with it.
+
+    Not later: KVM_GET_STATS_FD on a vCPU runs under the vCPU's mutex, which KVM_RUN holds
+    for as long as the guest runs, so a control thread opening it while the guest sits in
+    HLT would wait for the vCPU's next exit to userspace (for a halted guest, forever).
+    A kernel without binary statistics (before 5.14) leaves the slot empty: the VM runs,
+    and asking for its statistics says why there are none."""
 
     def __init__(self, opener: Callable[[], KvmStats]) -> None:
-        self._opener: Callable[[], KvmStats] | None = opener
-        self._stats: KvmStats | None = None
         self._lock = threading.Lock()
+        self._stats: KvmStats | None = None
+        self._why = ""
+        try:
+            self._stats = opener()
+        except (KvmError, OSError) as e:
+            self._why = f"KVM statistics are not available: {e}"
 
     def get(self) -> KvmStats:
         with self._lock:
             if self._stats is None:
-                if self._opener is None:
-                    raise KvmError("KVM statistics: the VM is gone")
-                self._stats = self._opener()
+                raise KvmError(self._why or "KVM statistics: the VM is gone")
             return self._stats
 
     def close(self) -> None:
         with self._lock:
-            self._opener = None
             if self._stats is not None:
                 self._stats.close()
                 self._stats = None
+            self._why = ""
 
 
 def snapshot(vm, vcpus, prefixes: tuple[str, ...] = ()) -> dict:

@@ -142,7 +142,7 @@ class Vcpu:
         self.run_view[lib.VMM_RUN_IMMEDIATE_EXIT] = int(value)
 
     def stats(self) -> KvmStats:
-        """KVM's statistics for this vCPU (opened on first use, closed with the vCPU)."""
+        """KVM's statistics for this vCPU (opened with it, closed with it: see StatsSlot)."""
         return self._stats.get()
 
     def close(self) -> None:

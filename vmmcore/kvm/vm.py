@@ -166,7 +166,7 @@ class Vm:
         return Vcpu(vcpu_id, fd, self.vcpu_mmap_size)
 
     def stats(self) -> KvmStats:
-        """KVM's statistics for this VM (opened on first use, closed with the VM)."""
+        """KVM's statistics for this VM (opened with it, closed with it)."""
         return self._stats.get()
 
     def close(self) -> None:
