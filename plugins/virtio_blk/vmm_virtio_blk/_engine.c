@@ -235,8 +235,9 @@ static uint64_t poll_ring(struct queue *q) {
         /* A kick sent before kicks went off (or racing that) is for what is served
          * now: taken here, it cannot wake the thread later as if a request came. */
         take_kick(q);
-        handle_queue(q);
+        /* counted first: whoever sees the completion also sees it counted */
         stat_add(&e->stats.polled, 1);
+        handle_queue(q);
     }
 }
 
