@@ -105,29 +105,27 @@ class HaltPoll:
             self.polled_wakeups += 1
             return True
         start = time.perf_counter_ns()
-        if self.window_ns:
-            end = start + self.window_ns
-            spins = 0
-            while True:
-                if poller.poll(0):                  # ~0.4 µs
-                    self.polled_wakeups += 1
-                    self._adapt(time.perf_counter_ns() - start)
-                    return True
-                spins += 1
-                if time.perf_counter_ns() >= end:
-                    break
-                # KVM's check is a memory read; this one costs ~1.5 µs, so it is made
-                # every CONTENTION_EVERY spins (a few µs) to keep the wake-up prompt
-                if not spins % CONTENTION_EVERY and self.contended():
-                    break
-            if poller.poll(0):              # KVM looks once more before it schedules
-                self.polled_wakeups += 1
-                self._adapt(time.perf_counter_ns() - start)
-                return True
+        if self.window_ns and self._poll(poller, start + self.window_ns):
+            self.polled_wakeups += 1
+            self._adapt(time.perf_counter_ns() - start)
+            return True
         self.sleeps += 1
         if not poller.poll(int(timeout_s * 1000)):
             return False
         self._adapt(time.perf_counter_ns() - start)
+        return True
+
+    def _poll(self, poller: select.poll, end: int) -> bool:
+        """Spin until the interrupt is pending (True), the window ends at `end` or another
+        task wants the CPU; KVM looks once more before it schedules."""
+        spins = 0
+        while not poller.poll(0):                   # ~0.4 µs
+            spins += 1
+            # KVM's contention check is a memory read; this one costs ~1.5 µs, so it is
+            # made every CONTENTION_EVERY spins (a few µs) to keep the wake-up prompt
+            if time.perf_counter_ns() >= end or (
+                    not spins % CONTENTION_EVERY and self.contended()):
+                return bool(poller.poll(0))
         return True
 
     def _adapt(self, halt_ns: int) -> None:

@@ -677,7 +677,6 @@ class ControlServer:
             result = device_control(dev, command, dev_args)
         return {"device": dev.label, "result": result}
 
-
     def _kvm_stats(self, args: dict) -> dict:
         """KVM's own statistics for the VM and every vCPU (QEMU's query-stats)."""
         from vmmcore.kvm.stats import snapshot  # the KVM bindings: server side only

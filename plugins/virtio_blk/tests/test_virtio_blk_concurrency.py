@@ -26,6 +26,15 @@ OK, IOERR = VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR
 PATIENCE = 30.0
 
 
+def tries(seconds: float = PATIENCE):
+    """0, 1, 2, ... until `seconds` have passed."""
+    deadline = time.monotonic() + seconds
+    for i in itertools.count():
+        if time.monotonic() > deadline:
+            return
+        yield i
+
+
 # -- choosing the engine; interrupts ------------------------------------------------------
 
 class NoExtentDisk(FileDisk):
@@ -222,10 +231,7 @@ def test_native_polling_serves_without_a_kick(image, rig_factory, engine, event_
     rig = rig_factory(FileDisk(path), poll_us=1000, rig_kw={"event_idx": event_idx})
     d = rig.drivers[0]
     served_unkicked = 0
-    deadline = time.monotonic() + PATIENCE
-    for i in itertools.count():
-        if time.monotonic() > deadline:
-            break
+    for i in tries():
         assert rig.do_read(0, 512).status == OK               # kicked, back to back
         # the rig kicks unconditionally: take a kick the device did not need, so that
         # it cannot wake the thread for the next request (only polling may serve it)
@@ -260,10 +266,9 @@ def test_native_polling_stops_when_requests_come_far_apart(image, rig_factory, e
     path, contents = image
     rig = rig_factory(FileDisk(path), poll_us=1000, rig_kw={"event_idx": event_idx})
     d = rig.drivers[0]
-    deadline = time.monotonic() + PATIENCE
-    for i in itertools.count():                               # open the window
+    for i in tries():                                         # open the window
         assert rig.do_read(i % 64, 512).status == OK
-        if rig.device.engine_stats()["poll_ns"] or time.monotonic() > deadline:
+        if rig.device.engine_stats()["poll_ns"]:
             break
     assert 0 < rig.device.engine_stats()["poll_ns"] <= 1_000_000
     time.sleep(0.05)                                          # 50 x poll_us
@@ -288,10 +293,7 @@ def test_native_polling_window_ignores_stale_kicks(image, rig_factory, engine):
     path, _ = image
     rig = rig_factory(FileDisk(path), poll_us=1000)
     checked = 0
-    deadline = time.monotonic() + PATIENCE
-    for i in itertools.count():
-        if time.monotonic() > deadline:
-            break
+    for i in tries():
         polled = rig.device.engine_stats()["polled"]
         assert rig.do_read(i % 64, 512).status == OK          # always kicked
         stats = rig.device.engine_stats()
